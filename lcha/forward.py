@@ -1,0 +1,773 @@
+"""Forward requests to backends and relay their responses.
+
+Slot routes (generation, embeddings, rerank) wait for a lease from the
+dispatcher and hold it until the response is relayed or aborted. Other routes
+go to any healthy backend without a lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from . import errors
+from .affinity import conversation_hashes
+from .backends import Backend, BackendState, backend_url
+from .dispatcher import NoBackend, PendingRequest, QueueFull, QueueTimeout
+from .errors import ApiError
+
+if TYPE_CHECKING:
+    from .app import State
+    from .slots import Lease
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("lcha.access")
+
+# Path -> route kind. Kinds group paths that share a backend capability.
+SLOT_ROUTES = {
+    "/v1/chat/completions": "chat",
+    "/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/completions": "completions",
+    "/completion": "completion",
+    "/v1/embeddings": "embeddings",
+    "/embeddings": "embeddings",
+    "/embedding": "embeddings",
+    "/infill": "infill",
+    "/rerank": "rerank",
+    "/v1/rerank": "rerank",
+    "/reranking": "rerank",
+    "/v1/reranking": "rerank",
+}
+MODEL_ROUTES = {"/tokenize", "/detokenize", "/apply-template"}
+# OpenAI-style streams end with `data: [DONE]`; llama.cpp's native /completion
+# and /infill streams never send it and end with a final JSON event instead.
+DONE_ROUTES = {"chat", "completions"}
+
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Trailers",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
+# Client credentials must never reach a backend; the backend's own key is sent.
+REQUEST_DROP = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "authorization",
+    "x-api-key",
+    "cookie",
+    "accept-encoding",
+    # aiohttp's server already decoded a compressed request body.
+    "content-encoding",
+    "expect",
+}
+RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date", "set-cookie"}
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+DONE_MARKER = b"data: [DONE]"
+# Enough stream tail to hold the final usage/timings event of a response.
+TAIL_BYTES = 16384
+MAX_ACCOUNTING_BODY = 4 * 1024 * 1024
+
+
+class RetryableError(Exception):
+    """The backend failed before any byte reached the client."""
+
+    def __init__(self, kind: str, message: str, capability: bool = False) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        # A capability miss (501) does not use up the request's one retry.
+        self.capability = capability
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request did, for metrics and the access log."""
+
+    request_id: str
+    route: str
+    method: str
+    started: float = field(default_factory=time.monotonic)
+    model: str | None = None
+    model_label: str = ""
+    backend: str = "-"
+    status: int = 0
+    queue_wait: float = 0.0
+    ttfb: float | None = None
+    tries: int = 0
+    stage: str = "received"
+    outcome: str = "ok"
+
+
+class Proxy:
+    """The request handlers; all state lives on the app's `State`."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    # --- handlers ----------------------------------------------------------------
+
+    async def handle_slot_route(self, request: web.Request) -> web.StreamResponse:
+        route_kind = SLOT_ROUTES[request.path]
+        exchange = self._new_exchange(request)
+        try:
+            return await self._slot_route(request, route_kind, exchange)
+        except ApiError as exc:
+            return self._reject(exchange, exc)
+        except asyncio.CancelledError:
+            self._count_abort(exchange)
+            exchange.outcome = "client_aborted"
+            exchange.status = 499
+            raise
+        finally:
+            self._finish(exchange)
+
+    async def handle_model_route(self, request: web.Request) -> web.StreamResponse:
+        exchange = self._new_exchange(request)
+        try:
+            body = await self._read_body(request)
+            payload = self._parse_json(body)
+            model = self._resolve_model(payload, exchange)
+            return await self._forward_without_slot(request, body, model, exchange)
+        except ApiError as exc:
+            return self._reject(exchange, exc)
+        finally:
+            self._finish(exchange)
+
+    async def handle_other(self, request: web.Request) -> web.StreamResponse:
+        exchange = self._new_exchange(request, route="other")
+        try:
+            body = await self._read_body(request)
+            return await self._forward_without_slot(request, body, None, exchange)
+        except ApiError as exc:
+            return self._reject(exchange, exc)
+        finally:
+            self._finish(exchange)
+
+    # --- slot routes ---------------------------------------------------------------
+
+    async def _slot_route(
+        self, request: web.Request, route_kind: str, exchange: Exchange
+    ) -> web.StreamResponse:
+        state = self.state
+        body = await self._read_body(request)
+        payload = self._parse_json(body)
+        model = self._resolve_model(payload, exchange)
+
+        hashes = conversation_hashes(payload) if route_kind in ("chat", "completions", "completion", "infill") else []
+        pending = PendingRequest(exchange.request_id, model, route_kind, payload, hashes)
+        try:
+            state.dispatcher.check_routable(pending)
+        except NoBackend:
+            raise errors.no_backend(model) from None
+        stream = payload.get("stream") is True
+
+        retries_left = 1
+        capability_retries = len(state.registry)
+        while True:
+            exchange.stage = "queued"
+            try:
+                lease = await state.dispatcher.acquire(pending)
+            except QueueFull:
+                raise errors.queue_full(state.dispatcher.max_size) from None
+            except QueueTimeout:
+                raise errors.queue_timeout(state.dispatcher.timeout) from None
+            exchange.queue_wait = time.monotonic() - pending.arrived_at
+            exchange.backend = lease.backend.name
+            exchange.tries += 1
+            try:
+                return await self._forward_with_lease(
+                    request, body, payload, lease, pending, route_kind, stream, exchange
+                )
+            except RetryableError as exc:
+                backend = lease.backend
+                state.metrics.upstream_errors.labels(backend.name, exc.kind).inc()
+                if exc.capability and capability_retries > 0:
+                    capability_retries -= 1
+                elif retries_left > 0:
+                    retries_left -= 1
+                    state.metrics.retries.labels(backend.name).inc()
+                else:
+                    raise errors.upstream_error(
+                        f"Backend {backend.name!r} failed: {exc.message}",
+                        status=503 if exc.capability else 502,
+                    ) from None
+                log.warning(
+                    "retrying on another backend request_id=%s backend=%s error=%s",
+                    exchange.request_id,
+                    backend.name,
+                    exc.message,
+                )
+                await lease.release()
+                state.dispatcher.requeue(pending, backend)
+                try:
+                    state.dispatcher.check_routable(pending)
+                except NoBackend:
+                    raise errors.upstream_error(
+                        f"Backend {backend.name!r} failed and no other backend can "
+                        f"take the request: {exc.message}",
+                        status=503 if exc.capability else 502,
+                    ) from None
+            finally:
+                await lease.release()
+
+    async def _forward_with_lease(
+        self,
+        request: web.Request,
+        body: bytes,
+        payload: dict[str, Any],
+        lease: Lease,
+        pending: PendingRequest,
+        route_kind: str,
+        stream: bool,
+        exchange: Exchange,
+    ) -> web.StreamResponse:
+        state = self.state
+        backend = lease.backend
+        if lease.slot_id is not None and "id_slot" not in payload:
+            payload = dict(payload, id_slot=lease.slot_id)
+            body = json.dumps(payload).encode()
+        exchange.stage = "prefill"
+        dispatched_at = time.monotonic()
+        upstream = await self._open_upstream(request, backend, body, exchange)
+        try:
+            if upstream.status == 503:
+                text = await _read_small(upstream)
+                if b"Loading model" in text:
+                    backend.state = BackendState.LOADING
+                    state.registry.wake(backend)
+                raise RetryableError("status_5xx", f"HTTP 503: {_snippet(text)}")
+            if upstream.status == 501 and route_kind in ("embeddings", "rerank", "infill"):
+                text = await _read_small(upstream)
+                backend.mark_unsupported(route_kind)
+                raise RetryableError(
+                    "unsupported", f"HTTP 501: {_snippet(text)}", capability=True
+                )
+            if _is_event_stream(upstream) or (stream and upstream.status == 200):
+                info = await self._relay_stream(
+                    request, upstream, backend, route_kind, exchange, dispatched_at
+                )
+                response = info.pop("_response")
+            else:
+                response, info = await self._relay_body(
+                    request, upstream, backend, exchange, dispatched_at
+                )
+        finally:
+            _finish_upstream(upstream, exchange)
+        self._account(backend, exchange, info)
+        if info:
+            state.dispatcher.policy.on_result(pending, lease, info)
+        return response
+
+    # --- upstream ------------------------------------------------------------------
+
+    async def _open_upstream(
+        self, request: web.Request, backend: Backend, body: bytes, exchange: Exchange
+    ) -> aiohttp.ClientResponse:
+        state = self.state
+        timeouts = state.config.timeouts
+        headers = _upstream_headers(request, backend, exchange.request_id)
+        url = backend_url(backend, request.path, request.query_string)
+        try:
+            async with asyncio.timeout(timeouts.first_byte):
+                return await state.session.request(
+                    request.method,
+                    url,
+                    data=body,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(
+                        total=None, sock_connect=timeouts.connect, sock_read=None
+                    ),
+                )
+        except TimeoutError:
+            state.metrics.upstream_errors.labels(backend.name, "first_byte_timeout").inc()
+            raise errors.upstream_error(
+                f"Backend {backend.name!r} sent no response within "
+                f"timeouts.first_byte={timeouts.first_byte:g}s",
+                status=504,
+                code="upstream_timeout",
+            ) from None
+        except (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError) as exc:
+            state.registry.report_failure(backend, f"connect failed: {exc}")
+            raise RetryableError("connect", f"connect failed: {exc}") from None
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+            raise RetryableError("reset", f"connection lost before the response: {exc}") from None
+        except aiohttp.ClientError as exc:
+            raise RetryableError("reset", f"{type(exc).__name__}: {exc}") from None
+
+    async def _relay_body(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        backend: Backend,
+        exchange: Exchange,
+        dispatched_at: float,
+    ) -> tuple[web.Response, dict[str, Any]]:
+        state = self.state
+        idle = state.config.timeouts.idle
+        chunks: list[bytes] = []
+        try:
+            while True:
+                async with asyncio.timeout(idle if chunks else state.config.timeouts.first_byte):
+                    chunk = await upstream.content.readany()
+                if not chunk:
+                    break
+                if not chunks:
+                    exchange.ttfb = time.monotonic() - dispatched_at
+                chunks.append(chunk)
+        except TimeoutError:
+            state.metrics.upstream_errors.labels(backend.name, "idle_timeout").inc()
+            raise errors.upstream_error(
+                f"Backend {backend.name!r} stalled for more than timeouts.idle={idle:g}s "
+                "while sending its response",
+                status=504,
+                code="upstream_timeout",
+            ) from None
+        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+            state.metrics.upstream_errors.labels(backend.name, "truncated").inc()
+            raise errors.upstream_error(
+                f"Backend {backend.name!r} response was cut off: {type(exc).__name__}",
+                code="upstream_truncated",
+            ) from None
+        if exchange.ttfb is None:
+            exchange.ttfb = time.monotonic() - dispatched_at
+        body = b"".join(chunks)
+        headers = _downstream_headers(upstream)
+        headers["X-Request-Id"] = exchange.request_id
+        headers["X-Lcha-Backend"] = backend.name
+        response = web.Response(status=upstream.status, body=body, headers=headers)
+        exchange.status = upstream.status
+        if upstream.status >= 500:
+            state.metrics.upstream_errors.labels(backend.name, "status_5xx").inc()
+        info: dict[str, Any] = {}
+        if upstream.status == 200 and len(body) <= MAX_ACCOUNTING_BODY:
+            info = _usage_from_json(body)
+        exchange.stage = "done"
+        return response, info
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        backend: Backend,
+        route_kind: str,
+        exchange: Exchange,
+        dispatched_at: float,
+    ) -> dict[str, Any]:
+        state = self.state
+        timeouts = state.config.timeouts
+        content = upstream.content
+
+        # Wait for the first event before committing to a 200: a failure here
+        # can still be retried or reported with a proper status code.
+        try:
+            async with asyncio.timeout(timeouts.first_byte):
+                first = await content.readany()
+        except TimeoutError:
+            state.metrics.upstream_errors.labels(backend.name, "first_byte_timeout").inc()
+            raise errors.upstream_error(
+                f"Backend {backend.name!r} sent no data within "
+                f"timeouts.first_byte={timeouts.first_byte:g}s",
+                status=504,
+                code="upstream_timeout",
+            ) from None
+        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+            raise RetryableError("reset", f"stream ended before its first event: {exc}") from None
+        exchange.ttfb = time.monotonic() - dispatched_at
+
+        headers = _downstream_headers(upstream)
+        headers["Cache-Control"] = "no-cache"
+        headers["X-Accel-Buffering"] = "no"
+        headers["X-Request-Id"] = exchange.request_id
+        headers["X-Lcha-Backend"] = backend.name
+        headers.popall("Content-Encoding", None)
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        exchange.status = upstream.status
+        await response.prepare(request)
+        exchange.stage = "streaming"
+
+        tail = b""
+        chunk = first
+        error_kind = None
+        error_message = ""
+        try:
+            while chunk:
+                await response.write(chunk)
+                tail = (tail + chunk)[-TAIL_BYTES:]
+                async with asyncio.timeout(timeouts.idle):
+                    chunk = await content.readany()
+        except TimeoutError:
+            error_kind = "idle_timeout"
+            error_message = (
+                f"Backend {backend.name!r} sent nothing for timeouts.idle={timeouts.idle:g}s"
+            )
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+            error_kind = "reset"
+            error_message = f"Backend {backend.name!r} connection lost mid-stream: {type(exc).__name__}"
+        except aiohttp.ClientOSError as exc:
+            error_kind = "reset"
+            error_message = f"Backend {backend.name!r} connection lost mid-stream: {exc}"
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            # Only reached when handler cancellation is off: the write found
+            # the client gone. Returning closes the upstream request.
+            self._count_abort(exchange)
+            exchange.outcome = "client_aborted"
+            return {"_response": response}
+
+        if error_kind is None and upstream.status == 200 and route_kind in DONE_ROUTES:
+            if DONE_MARKER not in tail[-256:]:
+                error_kind = "truncated"
+                error_message = f"Backend {backend.name!r} ended the stream without [DONE]"
+
+        if error_kind is not None:
+            state.metrics.upstream_errors.labels(backend.name, error_kind).inc()
+            exchange.outcome = error_kind
+            log.warning(
+                "stream failed request_id=%s backend=%s error=%s",
+                exchange.request_id,
+                backend.name,
+                error_message,
+            )
+            await self._abort_stream(request, response, error_message)
+            return {"_response": response}
+
+        exchange.stage = "done"
+        info = _usage_from_sse_tail(tail) if upstream.status == 200 else {}
+        info["_response"] = response
+        try:
+            await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass
+        return info
+
+    async def _abort_stream(self, request: web.Request, response: web.StreamResponse, message: str) -> None:
+        # Send the error as an event, then close the connection without the
+        # final empty chunk, so no client can mistake the stream for complete.
+        try:
+            await response.write(errors.sse_error_event(message, "upstream_error", "upstream_stream_failed"))
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            return
+        transport = request.transport
+        if transport is not None:
+            transport.close()
+
+    async def _forward_without_slot(
+        self, request: web.Request, body: bytes, model: str | None, exchange: Exchange
+    ) -> web.StreamResponse:
+        state = self.state
+        tried: set[Backend] = set()
+        for _attempt in range(2):
+            candidates = [
+                b for b in state.registry if b.available and b.serves(model) and b not in tried
+            ]
+            if not candidates:
+                if tried:
+                    raise errors.upstream_error(
+                        "Every backend tried failed before answering; retry later"
+                    )
+                raise errors.no_backend(model)
+            backend = min(candidates, key=lambda b: (b.busy, b.acquired_total))
+            backend.acquired_total += 1
+            tried.add(backend)
+            exchange.backend = backend.name
+            exchange.tries += 1
+            dispatched_at = time.monotonic()
+            try:
+                upstream = await self._open_upstream(request, backend, body, exchange)
+            except RetryableError as exc:
+                state.metrics.upstream_errors.labels(backend.name, exc.kind).inc()
+                state.metrics.retries.labels(backend.name).inc()
+                continue
+            try:
+                if _is_event_stream(upstream):
+                    info = await self._relay_stream(
+                        request, upstream, backend, "other", exchange, dispatched_at
+                    )
+                    return info["_response"]
+                response, _info = await self._relay_body(
+                    request, upstream, backend, exchange, dispatched_at
+                )
+                return response
+            finally:
+                _finish_upstream(upstream, exchange)
+        raise errors.upstream_error("Every backend tried failed before answering; retry later")
+
+    # --- request parsing -------------------------------------------------------------
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        state = self.state
+        limit = state.config.max_body_size
+        length = request.content_length
+        if length is not None and length > limit:
+            raise _too_large(length, limit)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(state.config.timeouts.client_read):
+                # Read by hand instead of request.read(): the limit can change
+                # on reload, and it must count decompressed bytes.
+                while True:
+                    chunk = await request.content.readany()
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > limit:
+                        raise _too_large(length, limit)
+                    chunks.append(chunk)
+            return b"".join(chunks)
+        except TimeoutError:
+            raise ApiError(
+                408,
+                "The request body was not received within "
+                f"timeouts.client_read={state.config.timeouts.client_read:g}s",
+                "invalid_request_error",
+                "request_timeout",
+                headers={"Connection": "close"},
+                reason="bad_request",
+            ) from None
+
+    def _parse_json(self, body: bytes) -> dict[str, Any]:
+        if not body:
+            raise errors.bad_request("The request body is empty; expected a JSON object")
+        try:
+            payload = json.loads(body)
+        except UnicodeDecodeError:
+            raise errors.bad_request("The request body is not valid UTF-8") from None
+        except ValueError as exc:
+            raise errors.bad_request(f"The request body is not valid JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise errors.bad_request(
+                f"The request body must be a JSON object, got {type(payload).__name__}"
+            )
+        return payload
+
+    def _resolve_model(self, payload: dict[str, Any], exchange: Exchange) -> str | None:
+        model = payload.get("model")
+        state = self.state
+        if model is None:
+            exchange.model_label = ""
+            state.metrics.requests.labels(exchange.route, "").inc()
+            return None
+        if not isinstance(model, str):
+            state.metrics.requests.labels(exchange.route, "").inc()
+            raise errors.bad_request(
+                f"'model' must be a string, got {type(model).__name__} {model!r}", param="model"
+            )
+        known = state.registry.known_models()
+        if model not in known:
+            # Client-chosen names would make label values unbounded.
+            state.metrics.requests.labels(exchange.route, "unknown").inc()
+            exchange.model_label = "unknown"
+            raise errors.model_not_found(model, sorted(state.registry.available_models()))
+        exchange.model = model
+        exchange.model_label = model
+        state.metrics.requests.labels(exchange.route, model).inc()
+        return model
+
+    # --- bookkeeping -------------------------------------------------------------------
+
+    def _new_exchange(self, request: web.Request, route: str | None = None) -> Exchange:
+        header_id = request.headers.get("X-Request-Id", "")
+        request_id = header_id if REQUEST_ID_RE.match(header_id) else secrets.token_hex(8)
+        return Exchange(request_id=request_id, route=route or request.path, method=request.method)
+
+    def _reject(self, exchange: Exchange, exc: ApiError) -> web.Response:
+        if exc.reason is not None:
+            self.state.metrics.rejections.labels(exc.reason).inc()
+        exchange.status = exc.status
+        exchange.outcome = exc.code or exc.type
+        response = exc.response()
+        response.headers["X-Request-Id"] = exchange.request_id
+        if exchange.backend != "-":
+            response.headers["X-Lcha-Backend"] = exchange.backend
+        return response
+
+    def _count_abort(self, exchange: Exchange) -> None:
+        stage = exchange.stage if exchange.stage in ("queued", "prefill", "streaming") else "prefill"
+        self.state.metrics.client_aborts.labels(exchange.route, stage).inc()
+
+    def _account(self, backend: Backend, exchange: Exchange, info: dict[str, Any]) -> None:
+        metrics = self.state.metrics
+        label = exchange.model_label
+        if exchange.ttfb is not None:
+            metrics.time_to_first_byte.labels(exchange.route, label, backend.name).observe(exchange.ttfb)
+        prompt = info.get("prompt_tokens")
+        if prompt:
+            metrics.prompt_tokens.labels(backend.name, label).inc(prompt)
+        completion = info.get("completion_tokens")
+        if completion:
+            metrics.completion_tokens.labels(backend.name, label).inc(completion)
+        cached = info.get("cached_tokens")
+        if cached:
+            metrics.prompt_tokens_cached.labels(backend.name, label).inc(cached)
+
+    def _finish(self, exchange: Exchange) -> None:
+        metrics = self.state.metrics
+        duration = time.monotonic() - exchange.started
+        status = exchange.status or 500
+        metrics.responses.labels(exchange.route, exchange.model_label, str(status)).inc()
+        metrics.request_duration.labels(exchange.route, exchange.model_label).observe(duration)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "request request_id=%s method=%s route=%s model=%s backend=%s status=%d "
+                "outcome=%s tries=%d queue_wait=%.3f ttfb=%s duration=%.3f",
+                exchange.request_id,
+                exchange.method,
+                exchange.route,
+                exchange.model or "-",
+                exchange.backend,
+                status,
+                exchange.outcome,
+                exchange.tries,
+                exchange.queue_wait,
+                f"{exchange.ttfb:.3f}" if exchange.ttfb is not None else "-",
+                duration,
+            )
+
+
+def _too_large(length: int | None, limit: int) -> ApiError:
+    size = f" ({length} bytes)" if length is not None else ""
+    return ApiError(
+        413,
+        f"The request body{size} exceeds max_body_size={limit} bytes",
+        "invalid_request_error",
+        "request_too_large",
+        headers={"Connection": "close"},
+        reason="too_large",
+    )
+
+
+def _upstream_headers(request: web.Request, backend: Backend, request_id: str) -> CIMultiDict[str]:
+    connection_tokens = {
+        token.strip().lower() for token in request.headers.get("Connection", "").split(",")
+    }
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        lower = name.lower()
+        if lower in REQUEST_DROP or lower in connection_tokens:
+            continue
+        headers.add(name, value)
+    # aiohttp would otherwise ask for gzip and the relay would have to re-encode.
+    headers["Accept-Encoding"] = "identity"
+    headers["X-Request-Id"] = request_id
+    if backend.config.api_key:
+        headers["Authorization"] = f"Bearer {backend.config.api_key}"
+    return headers
+
+
+def _downstream_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    connection_tokens = {
+        token.strip().lower() for token in upstream.headers.get("Connection", "").split(",")
+    }
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.headers.items():
+        lower = name.lower()
+        if lower in RESPONSE_DROP or lower in connection_tokens:
+            continue
+        headers.add(name, value)
+    return headers
+
+
+def _finish_upstream(upstream: aiohttp.ClientResponse, exchange: Exchange) -> None:
+    if exchange.stage == "done":
+        # Fully read: the connection goes back to the pool for reuse.
+        upstream.release()
+    else:
+        # Closing the socket is how llama-server learns to stop generating
+        # and free its slot.
+        upstream.close()
+
+
+def _is_event_stream(upstream: aiohttp.ClientResponse) -> bool:
+    return upstream.content_type == "text/event-stream"
+
+
+async def _read_small(upstream: aiohttp.ClientResponse) -> bytes:
+    try:
+        async with asyncio.timeout(5):
+            return await upstream.content.read(4096)
+    except (TimeoutError, aiohttp.ClientError):
+        return b""
+
+
+def _snippet(body: bytes) -> str:
+    return body[:200].decode("utf-8", "replace").strip() or "(empty body)"
+
+
+def _usage_from_json(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {}
+    return _usage_from_object(data) if isinstance(data, dict) else {}
+
+
+def _usage_from_sse_tail(tail: bytes) -> dict[str, Any]:
+    # The usage and timings arrive in the last events before [DONE]; scan
+    # backwards and stop at the first event that has either.
+    for line in reversed(tail.split(b"\n")):
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if not data or data == b"[DONE]" or not data.startswith(b"{"):
+            continue
+        try:
+            event = json.loads(data)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            info = _usage_from_object(event)
+            if info:
+                return info
+    return {}
+
+
+def _usage_from_object(data: dict[str, Any]) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    timings = data.get("timings")
+    usage = data.get("usage")
+    if isinstance(timings, dict):
+        cached = timings.get("cache_n")
+        processed = timings.get("prompt_n")
+        predicted = timings.get("predicted_n")
+        if isinstance(cached, int):
+            info["cached_tokens"] = cached
+        if isinstance(processed, int):
+            info["prompt_tokens"] = processed + (cached if isinstance(cached, int) else 0)
+        if isinstance(predicted, int):
+            info["completion_tokens"] = predicted
+    if isinstance(usage, dict):
+        if "prompt_tokens" not in info and isinstance(usage.get("prompt_tokens"), int):
+            info["prompt_tokens"] = usage["prompt_tokens"]
+        if "completion_tokens" not in info and isinstance(usage.get("completion_tokens"), int):
+            info["completion_tokens"] = usage["completion_tokens"]
+        if "cached_tokens" not in info:
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                info["cached_tokens"] = details["cached_tokens"]
+    if "prompt_tokens" not in info and isinstance(data.get("tokens_evaluated"), int):
+        info["prompt_tokens"] = data["tokens_evaluated"]
+    if "completion_tokens" not in info and isinstance(data.get("tokens_predicted"), int):
+        info["completion_tokens"] = data["tokens_predicted"]
+    return info

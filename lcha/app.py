@@ -170,6 +170,22 @@ class State:
 STATE = web.AppKey("lcha_state", State)
 
 
+def make_runner(app: web.Application) -> web.AppRunner:
+    """Return the runner with lcha's production settings; tests use it too.
+
+    handler_cancellation: a client that disconnects cancels its handler, so
+    the upstream request is closed and the slot freed even during prefill,
+    when nothing is being written that could notice the disconnect.
+    """
+    return web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=75.0,
+        shutdown_timeout=5.0,
+    )
+
+
 def create_app(config: Config) -> web.Application:
     """Build the aiohttp application for `config`; it starts on app startup."""
     state = State(config)

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
-from .app import STATE, State, create_app
+from .app import STATE, State, create_app, make_runner
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .systemd import Notifier, run_watchdog
 
@@ -109,16 +109,7 @@ async def serve(config: Config, path: str) -> int:
     """Run lcha until SIGTERM or SIGINT, then drain and return the exit code."""
     notifier = Notifier.from_env()
     app = create_app(config)
-    # handler_cancellation: a client that disconnects cancels its handler, so
-    # the upstream request is closed and the slot freed even during prefill,
-    # when nothing is being written that could notice the disconnect.
-    runner = web.AppRunner(
-        app,
-        handler_cancellation=True,
-        access_log=None,
-        keepalive_timeout=75.0,
-        shutdown_timeout=5.0,
-    )
+    runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(
         runner, config.listen_host, config.listen_port, backlog=1024, reuse_address=True

@@ -109,6 +109,22 @@ async def serve(config: Config, path: str) -> int:
     """Run lcha until SIGTERM or SIGINT, then drain and return the exit code."""
     notifier = Notifier.from_env()
     app = create_app(config)
+    state = app[STATE]
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    background: set[asyncio.Task[Any]] = set()
+
+    def request_reload() -> None:
+        task = loop.create_task(_reload(state, path, notifier))
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    # Handlers go in before the socket opens: a SIGTERM that arrives while
+    # backends are polled for the first time must drain, not kill.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, request_reload)
+
     runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(
@@ -120,25 +136,11 @@ async def serve(config: Config, path: str) -> int:
         log.error("cannot listen listen=%s error=%s", config.listen, exc)
         await runner.cleanup()
         return 1
-    state = app[STATE]
     log.info("listening listen=%s", config.listen)
 
     await state.registry.wait_checked(config.health.timeout + 1.0)
     notifier.ready()
     notifier.status(state.status_line())
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    background: set[asyncio.Task[Any]] = set()
-
-    def request_reload() -> None:
-        task = loop.create_task(_reload(state, path, notifier))
-        background.add(task)
-        task.add_done_callback(background.discard)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, request_reload)
 
     watchdog_interval = notifier.watchdog_interval()
     if watchdog_interval is not None:

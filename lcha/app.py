@@ -25,12 +25,12 @@ from .slots import SlotAccounting
 
 log = logging.getLogger(__name__)
 
-# Paths that answer without an API key: probes and scrapers carry none.
+# Paths served without an API key, because probes and scrapers send none.
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})
 
 
 class State:
-    """Everything one lcha application owns; no module holds state."""
+    """The state of one lcha application; no module keeps state of its own."""
 
     def __init__(self, config: Config) -> None:
         self.config = config

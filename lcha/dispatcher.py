@@ -147,7 +147,7 @@ class Dispatcher:
         raise NoBackend(request.model)
 
     async def acquire(self, request: PendingRequest, timeout: float | None = None) -> Lease:
-        """Wait in the queue until `request` holds a slot.
+        """Wait in the queue until `request` has a slot.
 
         Raises `QueueFull` at once when the queue is full and `QueueTimeout`
         after `timeout` (default: queue.timeout from arrival). A cancelled
@@ -159,7 +159,7 @@ class Dispatcher:
 
         queue = self._queues.get(request.model)
         if not queue and request.seq == 0:
-            # Nobody waits ahead of this request for its model: try a slot now
+            # No request waits ahead of this one for its model: try a slot now
             # and skip two event-loop round trips through the dispatcher task.
             lease = self._try_dispatch(request, time.monotonic())
             if lease is not None:

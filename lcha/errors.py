@@ -9,7 +9,7 @@ from aiohttp import web
 
 
 class ApiError(Exception):
-    """An error lcha answers itself, before any response byte was sent."""
+    """An error that lcha returns itself, before any response byte was sent."""
 
     def __init__(
         self,

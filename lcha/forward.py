@@ -102,7 +102,7 @@ class RetryableError(Exception):
 
 @dataclass(slots=True)
 class Exchange:
-    """What one request did, for metrics and the access log."""
+    """Record of one request, for metrics and the access log."""
 
     request_id: str
     route: str
@@ -484,7 +484,7 @@ class Proxy:
             if not candidates:
                 if tried:
                     raise errors.upstream_error(
-                        "Every backend tried failed before answering; retry later"
+                        "Every backend tried failed before sending a response; retry later"
                     )
                 raise errors.no_backend(model)
             backend = min(candidates, key=lambda b: (b.busy, b.acquired_total))
@@ -511,7 +511,7 @@ class Proxy:
                 return response
             finally:
                 _finish_upstream(upstream, exchange)
-        raise errors.upstream_error("Every backend tried failed before answering; retry later")
+        raise errors.upstream_error("Every backend tried failed before sending a response; retry later")
 
     # --- request parsing -------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from .config import RoutingConfig
 if TYPE_CHECKING:
     from .backends import Backend
     from .dispatcher import PendingRequest
+    from .metrics import Metrics
     from .slots import Lease
 
 
@@ -78,11 +79,11 @@ class LeastBusy:
         pass
 
 
-def make_policy(config: RoutingConfig) -> Policy:
+def make_policy(config: RoutingConfig, metrics: Metrics | None = None) -> Policy:
     if config.policy == "round_robin":
         return RoundRobin()
     if config.policy == "prefix":
         from .prefix import PrefixPolicy
 
-        return PrefixPolicy(config)
+        return PrefixPolicy(config, metrics)
     return LeastBusy()

@@ -48,6 +48,11 @@ class Backend:
         "loaded_models",
         "model_inflight",
         "model_last_used",
+        "model_slots",
+        "model_external_busy",
+        "router_max_models",
+        "pending_loads",
+        "unloading",
         "acquired_total",
         "successes",
         "failures",
@@ -69,10 +74,20 @@ class Backend:
         self.external_busy = 0
         self.models: frozenset[str] = frozenset(config.models or ())
         self.router_mode = False
-        # Router mode: models the backend reports as loaded or loading.
+        # Router mode: models the backend reports as loaded or loading, plus
+        # the loads lcha caused since the last poll.
         self.loaded_models: set[str] = set()
         self.model_inflight: dict[str, int] = {}
         self.model_last_used: dict[str, float] = {}
+        # Router mode: slots of each model's child process (its --parallel).
+        self.model_slots: dict[str, int] = {}
+        self.model_external_busy: dict[str, int] = {}
+        # The router's --models-max from /props max_instances; 0 means unlimited.
+        self.router_max_models: int | None = None
+        # Model -> monotonic time lcha dispatched the request that loads it.
+        self.pending_loads: dict[str, float] = {}
+        # Models lcha asked the router to unload, until a poll shows them gone.
+        self.unloading: set[str] = set()
         self.acquired_total = 0
         self.successes = 0
         self.failures = 0
@@ -104,6 +119,32 @@ class Backend:
 
     def serves(self, model: str | None) -> bool:
         return model is None or model in self.models
+
+    def model_capacity(self, model: str | None) -> int:
+        """Return the slots one loaded model has on this router-mode backend.
+
+        The configured `slots` wins. Otherwise the count discovered for that
+        model applies, else the largest count discovered on this backend,
+        else 1. The router starts every child with the same arguments unless
+        a preset sets other ones, so one model's count fits the others.
+        """
+        if self.config.slots is not None:
+            return self.config.slots
+        if model is not None and model in self.model_slots:
+            return self.model_slots[model]
+        return max(self.model_slots.values(), default=1)
+
+    def model_busy(self, model: str) -> int:
+        return self.model_inflight.get(model, 0) + self.model_external_busy.get(model, 0)
+
+    def model_free_slots(self, model: str) -> int:
+        return self.model_capacity(model) - self.model_busy(model)
+
+    def router_capacity(self) -> int:
+        """Return the slots of all loaded models together, or of one when none is loaded."""
+        if not self.loaded_models:
+            return self.model_capacity(None)
+        return sum(self.model_capacity(model) for model in self.loaded_models)
 
     def supports(self, route: str) -> bool:
         until = self.unsupported.get(route)
@@ -137,6 +178,8 @@ class BackendRegistry:
         self._retired: list[Backend] = []
         self._tasks: dict[Backend, asyncio.Task[None]] = {}
         self._wakeups: dict[Backend, asyncio.Event] = {}
+        # POST /models/unload requests still running.
+        self._unloads: set[asyncio.Task[None]] = set()
         for backend_config in config.backends:
             self._backends[backend_config.name] = Backend(backend_config)
 
@@ -171,7 +214,7 @@ class BackendRegistry:
             self._start_poller(backend)
 
     async def stop(self) -> None:
-        tasks = list(self._tasks.values())
+        tasks = [*self._tasks.values(), *self._unloads]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -237,6 +280,64 @@ class BackendRegistry:
         backend.failures = self._health.fall
         self._set_state(backend, BackendState.UNHEALTHY, error)
         self.wake(backend)
+
+    def unload_model(self, backend: Backend, model: str) -> None:
+        """Ask a router-mode backend to unload `model`, without waiting for it."""
+        task = asyncio.get_running_loop().create_task(
+            self._post_unload(backend, model), name=f"lcha-unload-{backend.name}"
+        )
+        self._unloads.add(task)
+        task.add_done_callback(self._unloads.discard)
+
+    async def _post_unload(self, backend: Backend, model: str) -> None:
+        if not await self._send_unload(backend, model):
+            # The backend takes no load while the model is in `unloading`, so
+            # a failing router gets at most one unload request per interval.
+            await asyncio.sleep(self._health.interval)
+            backend.unloading.discard(model)
+            self._on_change()
+            return
+        # The router returns success before its child exits and lists the
+        # model as loaded until the child is gone, so poll again a few times.
+        for delay in (0.0, 0.25, 1.0):
+            await asyncio.sleep(delay)
+            if model not in backend.unloading:
+                return
+            self.wake(backend)
+
+    async def _send_unload(self, backend: Backend, model: str) -> bool:
+        headers = {}
+        if backend.config.api_key:
+            headers["Authorization"] = f"Bearer {backend.config.api_key}"
+        try:
+            async with asyncio.timeout(self._health.timeout):
+                async with self._session.post(
+                    backend_url(backend, "/models/unload"),
+                    json={"model": model},
+                    headers=headers,
+                    allow_redirects=False,
+                ) as response:
+                    status = response.status
+                    body = await response.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.warning(
+                "model unload failed backend=%s model=%s error=%s",
+                backend.name,
+                model,
+                f"{type(exc).__name__}: {exc}",
+            )
+            return False
+        if status != 200:
+            log.warning(
+                "model unload failed backend=%s model=%s status=%d body=%s",
+                backend.name,
+                model,
+                status,
+                body[:200].decode("utf-8", "replace"),
+            )
+            return False
+        log.info("model unload requested backend=%s model=%s", backend.name, model)
+        return True
 
     # --- polling -------------------------------------------------------------
 
@@ -314,13 +415,36 @@ class BackendRegistry:
             self._record_failure(backend, error or f"/health returned HTTP {status}")
 
     async def _refresh(self, backend: Backend) -> None:
-        props, models, slots = await asyncio.gather(
-            self._get_json(backend, "/props"),
-            self._get_json(backend, "/v1/models"),
-            self._get_json(backend, "/slots"),
-        )
+        polled_at = time.monotonic()
+        if backend.router_mode:
+            # A router rejects /slots without ?model= (HTTP 400); its models'
+            # slots are polled one by one below.
+            props, models = await asyncio.gather(
+                self._get_json(backend, "/props"),
+                self._get_json(backend, "/v1/models"),
+            )
+            slots = None
+        else:
+            props, models, slots = await asyncio.gather(
+                self._get_json(backend, "/props"),
+                self._get_json(backend, "/v1/models"),
+                self._get_json(backend, "/slots"),
+            )
         changed = False
 
+        if isinstance(models, dict) and isinstance(models.get("data"), list):
+            changed |= self._update_models(backend, models["data"], polled_at)
+
+        if backend.router_mode:
+            changed |= await self._refresh_router(backend, props)
+        else:
+            changed |= self._update_slots(backend, props, slots)
+
+        if changed:
+            self._on_change()
+
+    def _update_slots(self, backend: Backend, props: Any, slots: Any) -> bool:
+        changed = False
         discovered = None
         if isinstance(props, dict) and isinstance(props.get("total_slots"), int):
             discovered = props["total_slots"]
@@ -338,9 +462,6 @@ class BackendRegistry:
                 backend.capacity = discovered
                 changed = True
 
-        if isinstance(models, dict) and isinstance(models.get("data"), list):
-            changed |= self._update_models(backend, models["data"])
-
         if isinstance(slots, list):
             processing = sum(
                 1 for slot in slots if isinstance(slot, dict) and slot.get("is_processing")
@@ -355,13 +476,12 @@ class BackendRegistry:
         elif backend.external_busy:
             backend.external_busy = 0
             changed = True
+        return changed
 
-        if changed:
-            self._on_change()
-
-    def _update_models(self, backend: Backend, entries: list[Any]) -> bool:
+    def _update_models(self, backend: Backend, entries: list[Any], polled_at: float) -> bool:
         names: set[str] = set()
         loaded: set[str] = set()
+        model_slots: dict[str, int] = {}
         router = False
         for entry in entries:
             if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
@@ -376,7 +496,19 @@ class BackendRegistry:
                 router = True
                 if status.get("value") in ("loaded", "loading"):
                     loaded.add(entry["id"])
+                parallel = _parallel_arg(status.get("args"))
+                if parallel is not None:
+                    model_slots[entry["id"]] = parallel
+
         changed = False
+        # NOTE: loads are tracked by model id; a request that names a model by
+        # one of its aliases is not matched to the loaded id.
+        if router:
+            if not backend.unloading <= loaded:
+                backend.unloading &= loaded
+                changed = True
+            loaded = _merge_loads(backend, loaded, polled_at)
+
         if backend.config.models is None and names != backend.models:
             log.info(
                 "backend models changed backend=%s models=%s",
@@ -390,6 +522,70 @@ class BackendRegistry:
             changed = True
         if loaded != backend.loaded_models:
             backend.loaded_models = loaded
+            changed = True
+
+        if router:
+            # Slot counts learnt from /slots?model= for loaded models stay
+            # when the listing has no --parallel argument for them.
+            merged = {**backend.model_slots, **model_slots}
+            if merged != backend.model_slots:
+                backend.model_slots = merged
+                changed = True
+        elif backend.model_slots or backend.model_external_busy or backend.pending_loads:
+            # The router was replaced by a single-model server on the same URL.
+            backend.model_slots = {}
+            backend.model_external_busy = {}
+            backend.pending_loads = {}
+            backend.unloading = set()
+            backend.router_max_models = None
+            changed = True
+        return changed
+
+    async def _refresh_router(self, backend: Backend, props: Any) -> bool:
+        changed = False
+        if isinstance(props, dict):
+            limit = props.get("max_instances")
+            valid = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0
+            if valid and limit != backend.router_max_models:
+                backend.router_max_models = limit
+                changed = True
+
+        # autoload=false matters: a GET for an unloaded model would load it
+        # and evict another (llama-server applies autoload to GET requests).
+        names = sorted(backend.loaded_models)
+        answers = await asyncio.gather(
+            *(
+                self._get_json(backend, "/slots", {"model": name, "autoload": "false"})
+                for name in names
+            )
+        )
+        external: dict[str, int] = {}
+        for name, slots in zip(names, answers):
+            # A model still loading, or only expected to load, returns HTTP 400.
+            if not isinstance(slots, list):
+                continue
+            if slots and backend.model_slots.get(name) != len(slots):
+                backend.model_slots[name] = len(slots)
+                changed = True
+            processing = sum(
+                1 for slot in slots if isinstance(slot, dict) and slot.get("is_processing")
+            )
+            # Same reasoning as for single-model backends: count only what
+            # cannot be lcha's own requests for this model.
+            busy = max(0, processing - backend.model_inflight.get(name, 0))
+            if busy:
+                external[name] = busy
+        if external != backend.model_external_busy:
+            backend.model_external_busy = external
+            changed = True
+        external_total = sum(external.values())
+        if external_total != backend.external_busy:
+            backend.external_busy = external_total
+            changed = True
+
+        capacity = backend.router_capacity()
+        if capacity != backend.capacity:
+            backend.capacity = capacity
             changed = True
         return changed
 
@@ -442,6 +638,7 @@ class BackendRegistry:
         if state is BackendState.UNHEALTHY:
             # Slots seen busy on a dead process mean nothing for its successor.
             backend.external_busy = 0
+            backend.model_external_busy = {}
         level = logging.INFO if state is BackendState.HEALTHY else logging.WARNING
         log.log(
             level,
@@ -455,14 +652,19 @@ class BackendRegistry:
             self._on_state(backend, old, state)
         self._on_change()
 
-    async def _get(self, backend: Backend, path: str) -> tuple[int, bytes, str]:
+    async def _get(
+        self, backend: Backend, path: str, params: dict[str, str] | None = None
+    ) -> tuple[int, bytes, str]:
         headers = {}
         if backend.config.api_key:
             headers["Authorization"] = f"Bearer {backend.config.api_key}"
+        url = backend_url(backend, path)
+        if params:
+            url = url.with_query(params)
         try:
             async with asyncio.timeout(self._health.timeout):
                 async with self._session.get(
-                    backend_url(backend, path),
+                    url,
                     headers=headers,
                     allow_redirects=False,
                 ) as response:
@@ -474,14 +676,48 @@ class BackendRegistry:
         except OSError as exc:
             return 0, b"", f"{type(exc).__name__}: {exc}"
 
-    async def _get_json(self, backend: Backend, path: str) -> Any:
-        status, body, _error = await self._get(backend, path)
+    async def _get_json(
+        self, backend: Backend, path: str, params: dict[str, str] | None = None
+    ) -> Any:
+        status, body, _error = await self._get(backend, path, params)
         if status != 200:
             return None
         try:
             return json.loads(body)
         except ValueError:
             return None
+
+
+def _parallel_arg(args: Any) -> int | None:
+    """Return the --parallel value from a router model's child arguments."""
+    if not isinstance(args, list):
+        return None
+    for index, arg in enumerate(args[:-1]):
+        if arg in ("--parallel", "-np"):
+            value = args[index + 1]
+            if isinstance(value, str) and value.isdigit() and int(value) > 0:
+                return int(value)
+    return None
+
+
+def _merge_loads(backend: Backend, polled: set[str], polled_at: float) -> set[str]:
+    """Return the models to count as loaded, from a poll and lcha's own loads.
+
+    A load lcha dispatched counts until a poll shows the model loaded or
+    loading, or, once its requests are done, until a poll that started after
+    the dispatch (a failed load). Until then the poll may predate both the
+    load and the eviction it causes, so lcha's own view stays.
+    """
+    for model, dispatched_at in list(backend.pending_loads.items()):
+        done = dispatched_at < polled_at and not backend.model_inflight.get(model)
+        if model in polled or done:
+            del backend.pending_loads[model]
+    if backend.pending_loads:
+        return set(backend.loaded_models)
+    # The router keeps a request for a model that is not loaded waiting
+    # until it is, so a model with requests in flight counts as loaded.
+    in_flight = {model for model, count in backend.model_inflight.items() if count > 0}
+    return polled | in_flight
 
 
 def _is_loading(body: bytes) -> bool:

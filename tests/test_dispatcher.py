@@ -244,3 +244,25 @@ async def test_retry_excludes_failed_backend(harness):
     retry = await dispatcher.acquire(pending)
     assert retry.backend is not failed
     await retry.release()
+
+
+async def test_blocked_kind_does_not_block_others(harness):
+    dispatcher = await harness(("a", 1, ("m",)), ("b", 1, ("m",)))
+    a = dispatcher.registry.get("a")
+    b = dispatcher.registry.get("b")
+    held = await dispatcher.acquire(request(rid="held"))
+    other_free = b if held.backend is a else a
+    # A retry that may not use the free backend waits for the busy one...
+    retry = request(rid="retry")
+    retry.exclude.add(other_free)
+    waiting = asyncio.create_task(dispatcher.acquire(retry))
+    await asyncio.sleep(0.01)
+    # ...while a later request of the same model takes the free backend.
+    later = await asyncio.wait_for(dispatcher.acquire(request(rid="later")), 1)
+    assert later.backend is other_free
+    assert not waiting.done()
+    await held.release()
+    retried = await asyncio.wait_for(waiting, 1)
+    assert retried.backend is held.backend
+    await retried.release()
+    await later.release()

@@ -386,12 +386,6 @@ async def test_embeddings_skip_plain_backend(cluster: Cluster, start_lcha) -> No
     assert dispatch_count(metrics_text, "plain") >= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Dispatcher._dispatch_all stops at the first queued request of a model "
-    "that no backend can take, so requests behind it wait although another "
-    "backend has free slots",
-)
 async def test_embeddings_wait_not_blocking_chat(cluster: Cluster, start_lcha) -> None:
     lcha = start_lcha({"backends": [backend_entry(cluster.embedder), backend_entry(cluster.plain)]})
     async with aiohttp.ClientSession(lcha.url) as session:

@@ -19,6 +19,7 @@ from .backends import Backend, BackendRegistry, BackendState
 from .config import Config
 from .dispatcher import Dispatcher
 from .forward import MODEL_ROUTES, SLOT_ROUTES, Proxy
+from .header_timeout import HeaderTimeoutRunner
 from .metrics import Metrics
 from .policies import make_policy
 from .slots import SlotAccounting
@@ -39,7 +40,7 @@ class State:
         self.affinity = AffinityTable(
             config.routing.affinity_ttl, config.routing.affinity_max_entries
         )
-        self.policy = make_policy(config.routing)
+        self.policy = make_policy(config.routing, self.metrics)
         self.session: aiohttp.ClientSession = None  # type: ignore[assignment]
         self.registry: BackendRegistry = None  # type: ignore[assignment]
         self.dispatcher: Dispatcher = None  # type: ignore[assignment]
@@ -90,7 +91,7 @@ class State:
         self.api_keys = _encode_keys(config.api_keys)
         policy = None
         if config.routing.policy != old.routing.policy:
-            policy = self.policy = make_policy(config.routing)
+            policy = self.policy = make_policy(config.routing, self.metrics)
         elif hasattr(self.policy, "configure"):
             self.policy.configure(config.routing)  # type: ignore[attr-defined]
         self.affinity.configure(config.routing.affinity_ttl, config.routing.affinity_max_entries)
@@ -141,6 +142,9 @@ class State:
 
     def refresh_gauges(self) -> None:
         metrics = self.metrics
+        # Without this, a removed backend whose last request has ended would
+        # read as draining until the next reload.
+        self.registry.prune_retired()
         seen: set[str] = set()
         for backend in self.registry.all_with_retired():
             if backend.name in seen:
@@ -165,6 +169,9 @@ class State:
 
     def _on_state(self, backend: Backend, old: BackendState, new: BackendState) -> None:
         self.metrics.set_backend_state(backend.name, new)
+        if new is BackendState.LOADING and hasattr(self.policy, "forget_backend"):
+            # A backend that loads its model again has restarted with empty caches.
+            self.policy.forget_backend(backend.name)
 
 
 STATE = web.AppKey("lcha_state", State)
@@ -176,9 +183,18 @@ def make_runner(app: web.Application) -> web.AppRunner:
     handler_cancellation: a client that disconnects cancels its handler, so
     the upstream request is closed and the slot freed even during prefill,
     when nothing is being written that could notice the disconnect.
+    Request headers must arrive within timeouts.client_read of their first
+    byte (aiohttp has no such limit); the body has the same limit in forward.py.
     """
-    return web.AppRunner(
+    state = app[STATE]
+
+    def count_header_timeout() -> None:
+        state.metrics.rejections.labels("bad_request").inc()
+
+    return HeaderTimeoutRunner(
         app,
+        timeout_of=lambda: state.config.timeouts.client_read,
+        on_timeout=count_header_timeout,
         handler_cancellation=True,
         access_log=None,
         keepalive_timeout=75.0,
@@ -241,6 +257,7 @@ async def _drain_middleware(request: web.Request, handler: Handler) -> web.Strea
     state = request.app[STATE]
     if state.draining and request.path not in PUBLIC_PATHS:
         state.metrics.rejections.labels("draining").inc()
+        state.proxy.record_local(request, 503, "draining")
         return errors.error_response(
             503,
             "lcha is shutting down and accepts no new requests; retry on another instance",
@@ -259,6 +276,7 @@ async def _auth_middleware(request: web.Request, handler: Handler) -> web.Stream
     presented = _presented_key(request)
     if presented is None or not _key_matches(presented, state.api_keys):
         state.metrics.rejections.labels("unauthorized").inc()
+        state.proxy.record_local(request, 401, "invalid_api_key")
         message = (
             "Missing API key: send 'Authorization: Bearer KEY' or 'X-Api-Key: KEY'"
             if presented is None
@@ -332,6 +350,7 @@ async def _models(request: web.Request) -> web.Response:
                     "backends": [],
                 }
             entry["backends"].append(backend.name)
+    state.proxy.record_local(request, 200, "ok")
     return web.json_response({"object": "list", "data": list(entries.values())})
 
 
@@ -339,7 +358,13 @@ def _make_session(config: Config) -> aiohttp.ClientSession:
     # No total timeout: a generation may run for many minutes; forward.py
     # applies timeouts.connect, first_byte and idle itself. No pool limit:
     # the slot accounting already bounds connections per backend.
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, use_dns_cache=True)
+    # force_close: one connection per upstream request. llama-server
+    # (11434.0.0) closes kept-alive connections at moments a client cannot
+    # predict, so a pooled socket failed a request that had only one retry;
+    # a loopback connect costs far less than that failure.
+    connector = aiohttp.TCPConnector(
+        limit=0, limit_per_host=0, force_close=True, use_dns_cache=True
+    )
     return aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.timeouts.connect),

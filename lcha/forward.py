@@ -50,6 +50,8 @@ SLOT_ROUTES = {
     "/v1/reranking": "rerank",
 }
 MODEL_ROUTES = {"/tokenize", "/detokenize", "/apply-template"}
+# Routes lcha serves itself, apart from /health and /metrics.
+LOCAL_ROUTES = {"/v1/models", "/models"}
 # OpenAI-style streams end with `data: [DONE]`; llama.cpp's native /completion
 # and /infill streams never send it and end with a final JSON event instead.
 DONE_ROUTES = {"chat", "completions"}
@@ -87,6 +89,18 @@ DONE_MARKER = b"data: [DONE]"
 # Enough stream tail to hold the final usage/timings event of a response.
 TAIL_BYTES = 16384
 MAX_ACCOUNTING_BODY = 4 * 1024 * 1024
+# A 404 for an unknown model quotes at most this much of the requested name.
+MAX_ECHOED_MODEL_CHARS = 200
+# Seconds during which further identical backend errors are counted, not logged.
+ERROR_LOG_INTERVAL = 10.0
+# With log_prompts: true, the access line shows this many prompt characters.
+PROMPT_EXCERPT_CHARS = 200
+# Request fields holding the prompt of non-chat routes, in lookup order.
+PROMPT_KEYS = ("prompt", "input", "query", "content")
+SHUTDOWN_MESSAGE = (
+    "lcha is shutting down and its drain_timeout passed before this request "
+    "finished; retry the request"
+)
 
 
 class RetryableError(Exception):
@@ -117,6 +131,10 @@ class Exchange:
     tries: int = 0
     stage: str = "received"
     outcome: str = "ok"
+    # Start of the prompt, set only when log_prompts is true.
+    prompt: str | None = None
+    # Whether lcha_requests_total has this request; _finish adds it if not.
+    counted: bool = False
 
 
 class Proxy:
@@ -124,6 +142,7 @@ class Proxy:
 
     def __init__(self, state: State) -> None:
         self.state = state
+        self._error_log = _ErrorLogLimiter()
 
     # --- handlers ----------------------------------------------------------------
 
@@ -135,10 +154,19 @@ class Proxy:
         except ApiError as exc:
             return self._reject(exchange, exc)
         except asyncio.CancelledError:
-            self._count_abort(exchange)
-            exchange.outcome = "client_aborted"
-            exchange.status = 499
-            raise
+            if not self._ended_by_drain(request, exchange):
+                self._count_abort(exchange)
+                exchange.outcome = "client_aborted"
+                exchange.status = 499
+                raise
+            # A started stream already carries an error event. Any other
+            # request can still get a 503.
+            if exchange.stage in ("streaming", "done"):
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            return self._reject(exchange, _shutting_down())
         finally:
             self._finish(exchange)
 
@@ -151,6 +179,10 @@ class Proxy:
             return await self._forward_without_slot(request, body, model, exchange)
         except ApiError as exc:
             return self._reject(exchange, exc)
+        except asyncio.CancelledError:
+            if not self._ended_by_drain(request, exchange):
+                self._mark_aborted(exchange)
+            raise
         finally:
             self._finish(exchange)
 
@@ -161,6 +193,10 @@ class Proxy:
             return await self._forward_without_slot(request, body, None, exchange)
         except ApiError as exc:
             return self._reject(exchange, exc)
+        except asyncio.CancelledError:
+            if not self._ended_by_drain(request, exchange):
+                self._mark_aborted(exchange)
+            raise
         finally:
             self._finish(exchange)
 
@@ -173,6 +209,8 @@ class Proxy:
         body = await self._read_body(request)
         payload = self._parse_json(body)
         model = self._resolve_model(payload, exchange)
+        if state.config.log_prompts:
+            exchange.prompt = _prompt_excerpt(payload)
 
         hashes = conversation_hashes(payload) if route_kind in ("chat", "completions", "completion", "infill") else []
         pending = PendingRequest(exchange.request_id, model, route_kind, payload, hashes)
@@ -212,12 +250,16 @@ class Proxy:
                         f"Backend {backend.name!r} failed: {exc.message}",
                         status=503 if exc.capability else 502,
                     ) from None
-                log.warning(
-                    "retrying on another backend request_id=%s backend=%s error=%s",
-                    exchange.request_id,
-                    backend.name,
-                    exc.message,
-                )
+                suppressed = self._error_log.allow(backend.name, exc.kind)
+                if suppressed is not None:
+                    log.warning(
+                        "retrying on another backend request_id=%s backend=%s error=%s "
+                        "suppressed=%d",
+                        exchange.request_id,
+                        backend.name,
+                        exc.message,
+                        suppressed,
+                    )
                 await lease.release()
                 state.dispatcher.requeue(pending, backend)
                 try:
@@ -434,6 +476,17 @@ class Proxy:
             self._count_abort(exchange)
             exchange.outcome = "client_aborted"
             return {"_response": response}
+        except asyncio.CancelledError:
+            # While draining, a cancellation with the client still connected
+            # comes from lcha ending requests at drain_timeout, not from a
+            # disconnect, so the stream ends with an event that gives the reason.
+            if not state.draining or request.transport is None:
+                raise
+            exchange.outcome = "shutdown"
+            await self._abort_stream(
+                request, response, SHUTDOWN_MESSAGE, "service_unavailable_error", "shutting_down"
+            )
+            raise
 
         if error_kind is None and upstream.status == 200 and route_kind in DONE_ROUTES:
             if DONE_MARKER not in tail[-256:]:
@@ -443,12 +496,15 @@ class Proxy:
         if error_kind is not None:
             state.metrics.upstream_errors.labels(backend.name, error_kind).inc()
             exchange.outcome = error_kind
-            log.warning(
-                "stream failed request_id=%s backend=%s error=%s",
-                exchange.request_id,
-                backend.name,
-                error_message,
-            )
+            suppressed = self._error_log.allow(backend.name, error_kind)
+            if suppressed is not None:
+                log.warning(
+                    "stream failed request_id=%s backend=%s error=%s suppressed=%d",
+                    exchange.request_id,
+                    backend.name,
+                    error_message,
+                    suppressed,
+                )
             await self._abort_stream(request, response, error_message)
             return {"_response": response}
 
@@ -461,11 +517,18 @@ class Proxy:
             pass
         return info
 
-    async def _abort_stream(self, request: web.Request, response: web.StreamResponse, message: str) -> None:
+    async def _abort_stream(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        message: str,
+        type_: str = "upstream_error",
+        code: str = "upstream_stream_failed",
+    ) -> None:
         # Send the error as an event, then close the connection without the
         # final empty chunk, so no client can mistake the stream for complete.
         try:
-            await response.write(errors.sse_error_event(message, "upstream_error", "upstream_stream_failed"))
+            await response.write(errors.sse_error_event(message, type_, code))
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             return
         transport = request.transport
@@ -567,25 +630,41 @@ class Proxy:
         state = self.state
         if model is None:
             exchange.model_label = ""
-            state.metrics.requests.labels(exchange.route, "").inc()
+            self._count_request(exchange)
             return None
         if not isinstance(model, str):
-            state.metrics.requests.labels(exchange.route, "").inc()
+            self._count_request(exchange)
             raise errors.bad_request(
                 f"'model' must be a string, got {type(model).__name__} {model!r}", param="model"
             )
         known = state.registry.known_models()
         if model not in known:
             # Client-chosen names would make label values unbounded.
-            state.metrics.requests.labels(exchange.route, "unknown").inc()
             exchange.model_label = "unknown"
+            self._count_request(exchange)
+            if len(model) > MAX_ECHOED_MODEL_CHARS:
+                model = model[:MAX_ECHOED_MODEL_CHARS] + "..."
             raise errors.model_not_found(model, sorted(state.registry.available_models()))
         exchange.model = model
         exchange.model_label = model
-        state.metrics.requests.labels(exchange.route, model).inc()
+        self._count_request(exchange)
         return model
 
     # --- bookkeeping -------------------------------------------------------------------
+
+    def record_local(self, request: web.Request, status: int, outcome: str) -> None:
+        """Count and log a request that lcha responded to without a proxy handler.
+
+        Middlewares call it for requests they reject (401, 503 while draining),
+        so every request gets its access line and its lcha_responses_total.
+        """
+        path = request.path
+        # The path is client-chosen: only known paths become label values.
+        route = path if path in SLOT_ROUTES or path in MODEL_ROUTES or path in LOCAL_ROUTES else "other"
+        exchange = self._new_exchange(request, route=route)
+        exchange.status = status
+        exchange.outcome = outcome
+        self._finish(exchange)
 
     def _new_exchange(self, request: web.Request, route: str | None = None) -> Exchange:
         header_id = request.headers.get("X-Request-Id", "")
@@ -602,6 +681,28 @@ class Proxy:
         if exchange.backend != "-":
             response.headers["X-Lcha-Backend"] = exchange.backend
         return response
+
+    def _count_request(self, exchange: Exchange) -> None:
+        # Counted once the model label is known; _finish counts requests
+        # rejected before that point, so requests and responses always match.
+        self.state.metrics.requests.labels(exchange.route, exchange.model_label).inc()
+        exchange.counted = True
+
+    def _ended_by_drain(self, request: web.Request, exchange: Exchange) -> bool:
+        # With the client still connected, lcha itself cancelled the handler
+        # when drain_timeout passed. _relay_stream marks a stream it ended that
+        # way first, because it closes the client connection itself.
+        if exchange.outcome != "shutdown" and not (
+            self.state.draining and request.transport is not None
+        ):
+            return False
+        exchange.outcome = "shutdown"
+        return True
+
+    def _mark_aborted(self, exchange: Exchange) -> None:
+        self._count_abort(exchange)
+        exchange.outcome = "client_aborted"
+        exchange.status = 499
 
     def _count_abort(self, exchange: Exchange) -> None:
         stage = exchange.stage if exchange.stage in ("queued", "prefill", "streaming") else "prefill"
@@ -626,12 +727,16 @@ class Proxy:
         metrics = self.state.metrics
         duration = time.monotonic() - exchange.started
         status = exchange.status or 500
+        if not exchange.counted:
+            self._count_request(exchange)
         metrics.responses.labels(exchange.route, exchange.model_label, str(status)).inc()
         metrics.request_duration.labels(exchange.route, exchange.model_label).observe(duration)
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
+            line = (
                 "request request_id=%s method=%s route=%s model=%s backend=%s status=%d "
-                "outcome=%s tries=%d queue_wait=%.3f ttfb=%s duration=%.3f",
+                "outcome=%s tries=%d queue_wait=%.3f ttfb=%s duration=%.3f"
+            )
+            fields: list[Any] = [
                 exchange.request_id,
                 exchange.method,
                 exchange.route,
@@ -643,7 +748,72 @@ class Proxy:
                 exchange.queue_wait,
                 f"{exchange.ttfb:.3f}" if exchange.ttfb is not None else "-",
                 duration,
-            )
+            ]
+            if exchange.prompt is not None:
+                # JSON quoting keeps newlines and quotes of the prompt from
+                # breaking the line into several or faking other fields.
+                line += " prompt=%s"
+                fields.append(json.dumps(exchange.prompt, ensure_ascii=False))
+            access_log.info(line, *fields)
+
+
+class _ErrorLogLimiter:
+    """Rate limit for backend error lines: one per backend and error kind per interval.
+
+    A backend that fails every request while its /health still passes would
+    otherwise write one warning per request. Each access line still records
+    the request's outcome and tries.
+    """
+
+    __slots__ = ("_last_logged", "_suppressed")
+
+    def __init__(self) -> None:
+        self._last_logged: dict[tuple[str, str], float] = {}
+        self._suppressed: dict[tuple[str, str], int] = {}
+
+    def allow(self, backend: str, kind: str) -> int | None:
+        """Return None to skip this line, else how many were skipped since the last one."""
+        key = (backend, kind)
+        now = time.monotonic()
+        last = self._last_logged.get(key)
+        if last is not None and now - last < ERROR_LOG_INTERVAL:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        self._last_logged[key] = now
+        return self._suppressed.pop(key, 0)
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(
+        503,
+        SHUTDOWN_MESSAGE,
+        "service_unavailable_error",
+        "shutting_down",
+        headers={"Connection": "close", "Retry-After": "5"},
+    )
+
+
+def _prompt_excerpt(payload: dict[str, Any]) -> str:
+    messages = payload.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        # The last message is what a new turn of a conversation adds.
+        text = _content_text(messages[-1].get("content"))
+    else:
+        key = next((k for k in PROMPT_KEYS if k in payload), None)
+        text = _content_text(payload[key]) if key is not None else ""
+    if len(text) > PROMPT_EXCERPT_CHARS:
+        text = text[:PROMPT_EXCERPT_CHARS] + "..."
+    return text
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        texts = [part["text"] for part in content if isinstance(part.get("text"), str)]
+        if texts:
+            return " ".join(texts)
+    return json.dumps(content, ensure_ascii=False)
 
 
 def _too_large(length: int | None, limit: int) -> ApiError:
@@ -690,9 +860,14 @@ def _downstream_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
 
 
 def _finish_upstream(upstream: aiohttp.ClientResponse, exchange: Exchange) -> None:
-    if exchange.stage == "done":
+    if exchange.stage == "done" and not _is_event_stream(upstream):
         # Fully read: the connection goes back to the pool for reuse.
         upstream.release()
+    elif exchange.stage == "done":
+        # llama-server (11434.0.0) closes the connection after the last chunk
+        # of every stream despite its Keep-Alive header; pooling it would hand
+        # the next request a dying socket.
+        upstream.close()
     else:
         # Closing the socket is how llama-server learns to stop generating
         # and free its slot.
@@ -757,6 +932,9 @@ def _usage_from_object(data: dict[str, Any]) -> dict[str, Any]:
             info["prompt_tokens"] = processed + (cached if isinstance(cached, int) else 0)
         if isinstance(predicted, int):
             info["completion_tokens"] = predicted
+        prompt_ms = timings.get("prompt_ms")
+        if isinstance(prompt_ms, (int, float)) and not isinstance(prompt_ms, bool):
+            info["prompt_ms"] = float(prompt_ms)
     if isinstance(usage, dict):
         if "prompt_tokens" not in info and isinstance(usage.get("prompt_tokens"), int):
             info["prompt_tokens"] = usage["prompt_tokens"]
@@ -766,6 +944,9 @@ def _usage_from_object(data: dict[str, Any]) -> dict[str, Any]:
             details = usage.get("prompt_tokens_details")
             if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
                 info["cached_tokens"] = details["cached_tokens"]
+    slot_id = data.get("id_slot")
+    if isinstance(slot_id, int) and not isinstance(slot_id, bool) and slot_id >= 0:
+        info["slot_id"] = slot_id
     if "prompt_tokens" not in info and isinstance(data.get("tokens_evaluated"), int):
         info["prompt_tokens"] = data["tokens_evaluated"]
     if "completion_tokens" not in info and isinstance(data.get("tokens_predicted"), int):

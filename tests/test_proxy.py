@@ -3,6 +3,7 @@
 import asyncio
 import json
 import time
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -412,3 +413,26 @@ async def test_metrics_count_requests(fakes, lcha, http):
         text = await response.text()
     assert 'lcha_backend_slots{backend="b0"} 2.0' in text
     assert 'lcha_backend_state{backend="b0",state="healthy"} 1.0' in text
+
+
+async def test_external_client_slots_count_as_taken(fakes, lcha, http):
+    (fake,) = await fakes(1, slots=2)
+    server = await lcha([fake])
+    # Another client uses the backend directly and holds one of its slots.
+    direct = asyncio.create_task(
+        post(
+            http,
+            SimpleNamespace(url=fake.url),
+            "/v1/chat/completions",
+            {**CHAT, "fake": {"headers_delay": 1.0}},
+        )
+    )
+    backend = server.state.registry.get("b0")
+    await server.wait_for(lambda: backend.external_busy == 1)
+    statuses = await asyncio.gather(
+        *(post(http, server, "/v1/chat/completions", CHAT) for _ in range(4))
+    )
+    assert [status for status, _body, _headers in statuses] == [200] * 4
+    assert fake.max_concurrent == 2
+    assert fake.deferred_total == 0
+    await direct

@@ -388,6 +388,7 @@ class Proxy:
             ) from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
             state.metrics.upstream_errors.labels(backend.name, "truncated").inc()
+            state.registry.report_failure(backend, f"response cut off: {type(exc).__name__}")
             raise errors.upstream_error(
                 f"Backend {backend.name!r} response was cut off: {type(exc).__name__}",
                 code="upstream_truncated",
@@ -435,6 +436,7 @@ class Proxy:
                 code="upstream_timeout",
             ) from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+            state.registry.report_failure(backend, f"stream cut before its first event: {exc}")
             raise RetryableError("reset", f"stream ended before its first event: {exc}") from None
         exchange.ttfb = time.monotonic() - dispatched_at
 
@@ -493,6 +495,11 @@ class Proxy:
                 error_kind = "truncated"
                 error_message = f"Backend {backend.name!r} ended the stream without [DONE]"
 
+        if error_kind == "reset":
+            # A connection lost after the response started means the process
+            # most likely died. A restarted one may have fewer slots, so it
+            # gets no requests until health checks pass and reread its slots.
+            state.registry.report_failure(backend, error_message)
         if error_kind is not None:
             state.metrics.upstream_errors.labels(backend.name, error_kind).inc()
             exchange.outcome = error_kind

@@ -1,9 +1,10 @@
 """A read timeout for request headers, which aiohttp's server lacks.
 
-aiohttp 3.14 bounds an idle connection (keepalive_timeout) and lcha bounds a
-request body (timeouts.client_read in forward.py), but a client that sends its
-request headers byte by byte keeps a connection and a file descriptor until
-keepalive_timeout passes, counted from the end of its previous request.
+aiohttp 3.14 limits how long a connection may stay idle (keepalive_timeout),
+and forward.py limits how long a request body may take (timeouts.client_read).
+Nothing limits the headers: a client that sends them byte by byte keeps a
+connection and a file descriptor until keepalive_timeout passes, counted from
+the end of its previous request.
 
 `HeaderTimeoutRunner` puts a protocol between each connection's transport and
 aiohttp's `RequestHandler`. The first byte of a request starts a timer, and a
@@ -54,8 +55,8 @@ async def header_timeout_middleware(
 ) -> web.StreamResponse:
     """Stop the connection's header timer while the application handles a request.
 
-    It must run first: a middleware before it that answers by itself would
-    leave the timer running on a connection that already got its response.
+    It must run first. A middleware before it that returns a response by
+    itself would leave the timer running on a connection that got its response.
     """
     transport = request.transport
     guard = transport.get_protocol() if transport is not None else None
@@ -77,7 +78,7 @@ class HeaderTimeoutRunner(web.AppRunner):
     requests. `on_timeout` runs once per connection closed by the timer.
     """
 
-    __slots__ = ("_timeout_of", "_on_timeout", "_enabled", "_wrapped", "_factory")
+    __slots__ = ("_enabled", "_factory", "_on_timeout", "_timeout_of", "_wrapped")
 
     def __init__(
         self,
@@ -96,7 +97,7 @@ class HeaderTimeoutRunner(web.AppRunner):
 
     @property
     def server(self) -> Any:
-        # Sites build their listening sockets from this protocol factory;
+        # Sites build their listening sockets from this protocol factory.
         # cleanup() keeps using the aiohttp server itself.
         server = super().server
         if server is None or not self._enabled:
@@ -118,10 +119,12 @@ class HeaderDeadline(asyncio.Protocol):
         self._on_timeout = on_timeout
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
-        # The body of the request being handled; None between requests.
+        # The body of the latest request. aiohttp keeps reading it after the
+        # handler returned when the handler left it unread (a 401, a 413).
         self._payload: Any = None
-        # Bytes arrived after that body ended: a pipelined request, timed
-        # from the end of the current one.
+        self._in_handler = False
+        # True when bytes arrived during the handler, after the body ended.
+        # They belong to a pipelined request, timed from this one's end.
         self._pipelined = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -134,12 +137,11 @@ class HeaderDeadline(asyncio.Protocol):
         self._inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if data:
-            if self._payload is None:
-                if self._timer is None:
-                    self._arm(respond=True)
-            elif _body_complete(self._payload):
+        if data and self._body_done():
+            if self._in_handler:
                 self._pipelined = True
+            elif self._timer is None:
+                self._arm(respond=True)
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -154,15 +156,24 @@ class HeaderDeadline(asyncio.Protocol):
     def request_started(self, payload: Any) -> None:
         self._cancel()
         self._payload = payload
+        self._in_handler = True
         self._pipelined = False
 
     def request_finished(self) -> None:
-        self._payload = None
+        self._in_handler = False
         if self._pipelined and self._timer is None and self._transport is not None:
             # aiohttp may still be writing this response, so a timeout closes
             # the connection without a 408 that could land inside it.
             self._arm(respond=False)
         self._pipelined = False
+
+    def _body_done(self) -> bool:
+        # StreamReader.is_eof() turns true when the parser has fed the whole
+        # body, whether or not the handler read it.
+        if self._payload is None:
+            return True
+        is_eof = getattr(self._payload, "is_eof", None)
+        return bool(is_eof()) if callable(is_eof) else False
 
     def _arm(self, respond: bool) -> None:
         timeout = self._timeout_of()
@@ -179,7 +190,7 @@ class HeaderDeadline(asyncio.Protocol):
     def _expire(self, timeout: float, respond: bool) -> None:
         self._timer = None
         transport = self._transport
-        if transport is None or transport.is_closing() or self._payload is not None:
+        if transport is None or transport.is_closing() or self._in_handler:
             return
         peer = transport.get_extra_info("peername")
         log.info("request headers timed out peer=%s timeout=%gs", _format_peer(peer), timeout)
@@ -191,7 +202,7 @@ class HeaderDeadline(asyncio.Protocol):
 
 
 class _GuardedServer:
-    """Protocol factory wrapping a `web.Server`; other attributes pass through."""
+    """Protocol factory wrapping a `web.Server`. Other attributes pass through."""
 
     def __init__(
         self, server: web.Server, timeout_of: TimeoutGetter, on_timeout: TimeoutHook | None
@@ -233,13 +244,6 @@ def _install_middleware(app: web.Application) -> bool:
         log.warning("header timeout disabled reason=%s", f"cannot add its middleware: {exc}")
         return False
     return True
-
-
-def _body_complete(payload: Any) -> bool:
-    # StreamReader.is_eof() turns true when the parser has fed the whole body,
-    # whether or not the handler read it.
-    is_eof = getattr(payload, "is_eof", None)
-    return bool(is_eof()) if callable(is_eof) else False
 
 
 def _format_peer(peer: Any) -> str:

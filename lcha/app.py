@@ -358,12 +358,14 @@ def _make_session(config: Config) -> aiohttp.ClientSession:
     # No total timeout: a generation may run for many minutes; forward.py
     # applies timeouts.connect, first_byte and idle itself. No pool limit:
     # the slot accounting already bounds connections per backend.
-    # force_close: one connection per upstream request. llama-server
-    # (11434.0.0) closes kept-alive connections at moments a client cannot
-    # predict, so a pooled socket failed a request that had only one retry;
-    # a loopback connect costs far less than that failure.
+    # Pooled connections save a connect per request, but llama-server
+    # (11434.0.0) may close one at any moment: it drops idle connections
+    # after 5 s, and answers on a throwaway thread, closing afterwards, when
+    # its -np + 4 fixed HTTP threads are busy. keepalive_timeout stays under
+    # the 5 s, and forward.py resends once on a connection that died before
+    # any response byte.
     connector = aiohttp.TCPConnector(
-        limit=0, limit_per_host=0, force_close=True, use_dns_cache=True
+        limit=0, limit_per_host=0, keepalive_timeout=4.0, use_dns_cache=True
     )
     return aiohttp.ClientSession(
         connector=connector,

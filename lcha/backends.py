@@ -655,7 +655,9 @@ class BackendRegistry:
     async def _get(
         self, backend: Backend, path: str, params: dict[str, str] | None = None
     ) -> tuple[int, bytes, str]:
-        headers = {}
+        # llama-server serves kept-alive connections from a fixed pool of
+        # -np + 4 threads; an idle poll connection would hold one of them.
+        headers = {"Connection": "close"}
         if backend.config.api_key:
             headers["Authorization"] = f"Bearer {backend.config.api_key}"
         url = backend_url(backend, path)

@@ -291,7 +291,7 @@ class Proxy:
             body = json.dumps(payload).encode()
         exchange.stage = "prefill"
         dispatched_at = time.monotonic()
-        upstream = await self._open_upstream(request, backend, body, exchange)
+        upstream = await self._open_upstream(request, backend, body, exchange, stream)
         try:
             if upstream.status == 503:
                 text = await _read_small(upstream)
@@ -324,24 +324,40 @@ class Proxy:
     # --- upstream ------------------------------------------------------------------
 
     async def _open_upstream(
-        self, request: web.Request, backend: Backend, body: bytes, exchange: Exchange
+        self,
+        request: web.Request,
+        backend: Backend,
+        body: bytes,
+        exchange: Exchange,
+        stream: bool = False,
     ) -> aiohttp.ClientResponse:
         state = self.state
         timeouts = state.config.timeouts
         headers = _upstream_headers(request, backend, exchange.request_id)
+        if stream:
+            # llama-server (11434.0.0) closes the connection after every
+            # stream but keeps saying keep-alive; aiohttp would pool the
+            # socket at the stream's end, before forward.py could close it.
+            headers["Connection"] = "close"
         url = backend_url(backend, request.path, request.query_string)
         try:
             async with asyncio.timeout(timeouts.first_byte):
-                return await state.session.request(
-                    request.method,
-                    url,
-                    data=body,
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(
-                        total=None, sock_connect=timeouts.connect, sock_read=None
-                    ),
-                )
+                try:
+                    return await self._send(request.method, url, body, headers)
+                except aiohttp.ClientConnectorError:
+                    raise
+                except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+                    # A pooled connection that the backend closed while it
+                    # was idle fails before any response byte; the backend
+                    # never saw the request, so sending it again is safe.
+                    log.debug(
+                        "upstream connection lost before the response, resending "
+                        "request_id=%s backend=%s error=%s",
+                        exchange.request_id,
+                        backend.name,
+                        exc,
+                    )
+                    return await self._send(request.method, url, body, headers)
         except TimeoutError:
             state.metrics.upstream_errors.labels(backend.name, "first_byte_timeout").inc()
             raise errors.upstream_error(
@@ -357,6 +373,21 @@ class Proxy:
             raise RetryableError("reset", f"connection lost before the response: {exc}") from None
         except aiohttp.ClientError as exc:
             raise RetryableError("reset", f"{type(exc).__name__}: {exc}") from None
+
+    async def _send(
+        self, method: str, url: Any, body: bytes, headers: CIMultiDict[str]
+    ) -> aiohttp.ClientResponse:
+        timeouts = self.state.config.timeouts
+        return await self.state.session.request(
+            method,
+            url,
+            data=body,
+            headers=headers,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=timeouts.connect, sock_read=None
+            ),
+        )
 
     async def _relay_body(
         self,
@@ -867,14 +898,10 @@ def _downstream_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
 
 
 def _finish_upstream(upstream: aiohttp.ClientResponse, exchange: Exchange) -> None:
-    if exchange.stage == "done" and not _is_event_stream(upstream):
-        # Fully read: the connection goes back to the pool for reuse.
+    if exchange.stage == "done":
+        # Fully read: the connection goes back to the pool unless the
+        # response said Connection: close.
         upstream.release()
-    elif exchange.stage == "done":
-        # llama-server (11434.0.0) closes the connection after the last chunk
-        # of every stream despite its Keep-Alive header; pooling it would hand
-        # the next request a dying socket.
-        upstream.close()
     else:
         # Closing the socket is how llama-server learns to stop generating
         # and free its slot.

@@ -949,7 +949,9 @@ async def test_loading_answer_reroutes(fakes, lcha, client):
 )
 async def test_retry_before_first_byte(fakes, lcha, client, stream, fault):
     broken, good = await fakes(2)
-    broken.add_fault(**fault)
+    # Every request fails: a one-off reset is absorbed by resending on a
+    # fresh connection to the same backend (see the stale-connection test).
+    broken.set_fault(**fault)
     server = await lcha([broken, good], routing={"policy": "round_robin"})
     async with client.post(
         server.url + CHAT_PATH, json=chat(stream=stream, max_tokens=5)
@@ -993,7 +995,9 @@ async def test_all_backends_fail_is_502(fakes, lcha, client):
     status, raw, _headers = await post(client, server.url + CHAT_PATH, chat())
     assert status == 502
     assert error_of(raw)["code"] == "upstream_error"
-    assert sum(fake.requests_by_route[CHAT_PATH] for fake in backends) == 2
+    # Each backend gets the request twice: once more on a fresh connection,
+    # then lcha's one retry moves it to the other backend.
+    assert [fake.requests_by_route[CHAT_PATH] for fake in backends] == [2, 2]
 
 
 # --- 13. big inputs ---------------------------------------------------------------------
@@ -1196,3 +1200,14 @@ async def test_rejected_body_keeps_connection(fakes, lcha):
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     writer.close()
     assert head.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_stale_connection_resent_same_backend(fakes, lcha, client):
+    broken, good = await fakes(2)
+    broken.add_fault(reset=True)
+    server = await lcha([broken, good], routing={"policy": "round_robin"})
+    async with client.post(server.url + CHAT_PATH, json=chat(max_tokens=5)) as response:
+        await response.read()
+    assert response.status == 200
+    assert response.headers["X-Lcha-Backend"] == "b0"
+    assert server.sample("lcha_retries_total", backend="b0") == 0

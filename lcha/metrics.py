@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -16,6 +17,26 @@ LATENCY_BUCKETS = (
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 BACKEND_STATES = ("loading", "healthy", "unhealthy", "draining")
+
+
+class _ChildCache:
+    """A labelled metric whose children are cached by label values.
+
+    prometheus_client's `labels()` takes a lock and rebuilds the key on
+    every call; the request path calls it several times per request.
+    """
+
+    __slots__ = ("metric", "_children")
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def labels(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -156,6 +177,16 @@ class Metrics:
             ["prediction", "actual"],
             registry=registry,
         )
+        # The request path touches these on every request.
+        self.requests = _ChildCache(self.requests)
+        self.responses = _ChildCache(self.responses)
+        self.queue_wait = _ChildCache(self.queue_wait)
+        self.time_to_first_byte = _ChildCache(self.time_to_first_byte)
+        self.request_duration = _ChildCache(self.request_duration)
+        self.prompt_tokens = _ChildCache(self.prompt_tokens)
+        self.completion_tokens = _ChildCache(self.completion_tokens)
+        self.prompt_tokens_cached = _ChildCache(self.prompt_tokens_cached)
+        self.dispatches = _ChildCache(self.dispatches)
         for reason in (
             "queue_full",
             "queue_timeout",

@@ -102,7 +102,10 @@ class State:
         states = {state.value: 0 for state in BackendState}
         total = busy = 0
         backends = []
-        for backend in self.registry:
+        # Backends removed by a reload show as draining until their last
+        # request ends.
+        self.registry.prune_retired()
+        for backend in self.registry.all_with_retired():
             states[backend.state.value] += 1
             if backend.available:
                 total += backend.capacity

@@ -54,6 +54,7 @@ class Backend:
         "pending_loads",
         "unloading",
         "acquired_total",
+        "last_progress",
         "successes",
         "failures",
         "last_error",
@@ -89,6 +90,8 @@ class Backend:
         # Models lcha asked the router to unload, until a poll shows them gone.
         self.unloading: set[str] = set()
         self.acquired_total = 0
+        # Monotonic time of the last response byte from this backend.
+        self.last_progress = 0.0
         self.successes = 0
         self.failures = 0
         self.last_error = ""
@@ -401,35 +404,52 @@ class BackendRegistry:
     async def _poll_once(self, backend: Backend) -> None:
         status, body, error = await self._get(backend, "/health")
         if status == 200:
-            await self._refresh(backend)
-            self._record_success(backend)
+            problem = await self._refresh(backend)
+            if problem:
+                self._record_failure(backend, problem)
+            else:
+                self._record_success(backend)
         elif status == 503 and _is_loading(body):
             backend.successes = 0
             backend.failures = 0
             self._set_state(backend, BackendState.LOADING, "loading model")
-        elif error == "timeout" and backend.inflight > 0:
+        elif error == "timeout" and backend.inflight > 0 and self._made_progress(backend):
             # llama-server answers /health from a small HTTP thread pool; under a
-            # full load of long streams it may be slow without being broken.
+            # full load of long streams it may be slow without being broken. A
+            # backend that also stopped sending response bytes is hung instead.
             log.debug("health slow while busy backend=%s", backend.name)
         else:
             self._record_failure(backend, error or f"/health returned HTTP {status}")
 
-    async def _refresh(self, backend: Backend) -> None:
+    def _made_progress(self, backend: Backend) -> bool:
+        window = self._health.interval + self._health.timeout + 1.0
+        return time.monotonic() - backend.last_progress < window
+
+    async def _refresh(self, backend: Backend) -> str:
+        """Poll props, models and slots; return why the backend is unusable, or ""."""
         polled_at = time.monotonic()
         if backend.router_mode:
             # A router rejects /slots without ?model= (HTTP 400); its models'
             # slots are polled one by one below.
-            props, models = await asyncio.gather(
+            props, (models_status, models_body, _error) = await asyncio.gather(
                 self._get_json(backend, "/props"),
-                self._get_json(backend, "/v1/models"),
+                self._get(backend, "/v1/models"),
             )
             slots = None
         else:
-            props, models, slots = await asyncio.gather(
+            props, (models_status, models_body, _error), slots = await asyncio.gather(
                 self._get_json(backend, "/props"),
-                self._get_json(backend, "/v1/models"),
+                self._get(backend, "/v1/models"),
                 self._get_json(backend, "/slots"),
             )
+        if models_status in (401, 403):
+            # /health needs no key in llama-server, so a backend started with
+            # --api-key passes it and fails every real request.
+            return (
+                f"/v1/models returned HTTP {models_status}: the backend rejected lcha's "
+                f"key; set backends[].api_key for {backend.name!r} to its --api-key"
+            )
+        models = _json_or_none(models_body) if models_status == 200 else None
         changed = False
 
         if isinstance(models, dict) and isinstance(models.get("data"), list):
@@ -442,6 +462,7 @@ class BackendRegistry:
 
         if changed:
             self._on_change()
+        return ""
 
     def _update_slots(self, backend: Backend, props: Any, slots: Any) -> bool:
         changed = False
@@ -604,6 +625,8 @@ class BackendRegistry:
         backend.successes = 0
         backend.failures += 1
         if backend.state is BackendState.UNHEALTHY:
+            # Start-up state too: keep the reason visible in /health.
+            backend.last_error = error
             self._log_repeated_error(backend, error)
             return
         if backend.failures >= self._health.fall or backend.state is BackendState.LOADING:
@@ -688,6 +711,13 @@ class BackendRegistry:
             return json.loads(body)
         except ValueError:
             return None
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
 
 
 def _parallel_arg(args: Any) -> int | None:

@@ -28,6 +28,25 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that rejects a key given twice in one mapping.
+
+    Plain YAML keeps the last value, so a second `backends:` would silently
+    replace the first list.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _value_node in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 class ConfigError(ValueError):
     """An invalid configuration; the message names the key path and value."""
 
@@ -135,7 +154,7 @@ def load_config(
     except OSError as exc:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if data is None:
@@ -156,6 +175,8 @@ def parse_config(
     api_keys = root.take("api_keys", _parse_key_list, ())
     api_keys_file = root.take("api_keys_file", _parse_str, None)
     backends = root.take("backends", _parse_backends, ())
+    if not backends:
+        raise ConfigError("backends: at least one backend is required")
     queue = root.take("queue", _parse_queue, QueueConfig())
     routing = root.take("routing", _parse_routing, RoutingConfig())
     health = root.take("health", _parse_health, HealthConfig())
@@ -457,6 +478,11 @@ def _parse_url(value: Any, path: str) -> str:
         url.port
     except ValueError:
         raise ConfigError(f"{path}: {value!r} has an invalid port") from None
+    if url.path.rstrip("/").endswith("/v1"):
+        raise ConfigError(
+            f"{path}: {value!r} ends in /v1; give the server's base URL, because "
+            "lcha appends the request path (/v1/chat/completions, /health, ...) itself"
+        )
     return str(url).rstrip("/")
 
 

@@ -95,6 +95,26 @@ def no_backend(model: str | None) -> ApiError:
     )
 
 
+# What a llama-server needs for each route kind that not every server serves.
+CAPABILITY_HINTS = {
+    "embeddings": "start llama-server with --embeddings (and --pooling mean for /v1/embeddings)",
+    "rerank": "start llama-server with --reranking and a reranking model",
+    "infill": "use a model with fill-in-the-middle tokens",
+}
+
+
+def not_supported(route_kind: str, model: str | None) -> ApiError:
+    what = f"model {model!r}" if model else "any model"
+    hint = CAPABILITY_HINTS.get(route_kind, "check the backends' llama-server options")
+    return ApiError(
+        501,
+        f"No healthy backend serving {what} supports {route_kind} requests: {hint}",
+        "not_supported_error",
+        "route_not_supported",
+        reason="no_backend",
+    )
+
+
 def queue_full(max_size: int) -> ApiError:
     return ApiError(
         429,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import aiohttp.http_exceptions
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -217,7 +218,7 @@ class Proxy:
         try:
             state.dispatcher.check_routable(pending)
         except NoBackend:
-            raise errors.no_backend(model) from None
+            raise self._unroutable(pending) from None
         stream = payload.get("stream") is True
 
         retries_left = 1
@@ -229,7 +230,11 @@ class Proxy:
             except QueueFull:
                 raise errors.queue_full(state.dispatcher.max_size) from None
             except QueueTimeout:
+                exchange.queue_wait = time.monotonic() - pending.arrived_at
                 raise errors.queue_timeout(state.dispatcher.timeout) from None
+            except asyncio.CancelledError:
+                exchange.queue_wait = time.monotonic() - pending.arrived_at
+                raise
             exchange.queue_wait = time.monotonic() - pending.arrived_at
             exchange.backend = lease.backend.name
             exchange.tries += 1
@@ -245,10 +250,11 @@ class Proxy:
                 elif retries_left > 0:
                     retries_left -= 1
                     state.metrics.retries.labels(backend.name).inc()
+                elif exc.capability:
+                    raise self._unroutable(pending) from None
                 else:
                     raise errors.upstream_error(
-                        f"Backend {backend.name!r} failed: {exc.message}",
-                        status=503 if exc.capability else 502,
+                        f"Backend {backend.name!r} failed: {exc.message}"
                     ) from None
                 suppressed = self._error_log.allow(backend.name, exc.kind)
                 if suppressed is not None:
@@ -265,10 +271,11 @@ class Proxy:
                 try:
                     state.dispatcher.check_routable(pending)
                 except NoBackend:
+                    if exc.capability:
+                        raise self._unroutable(pending) from None
                     raise errors.upstream_error(
                         f"Backend {backend.name!r} failed and no other backend can "
-                        f"take the request: {exc.message}",
-                        status=503 if exc.capability else 502,
+                        f"take the request: {exc.message}"
                     ) from None
             finally:
                 await lease.release()
@@ -406,8 +413,10 @@ class Proxy:
                     chunk = await upstream.content.readany()
                 if not chunk:
                     break
+                now = time.monotonic()
+                backend.last_progress = now
                 if not chunks:
-                    exchange.ttfb = time.monotonic() - dispatched_at
+                    exchange.ttfb = now - dispatched_at
                 chunks.append(chunk)
         except TimeoutError:
             state.metrics.upstream_errors.labels(backend.name, "idle_timeout").inc()
@@ -427,6 +436,8 @@ class Proxy:
         if exchange.ttfb is None:
             exchange.ttfb = time.monotonic() - dispatched_at
         body = b"".join(chunks)
+        if upstream.status >= 400:
+            body = _openai_error_shape(body)
         headers = _downstream_headers(upstream)
         headers["X-Request-Id"] = exchange.request_id
         headers["X-Lcha-Backend"] = backend.name
@@ -482,14 +493,19 @@ class Proxy:
         await response.prepare(request)
         exchange.stage = "streaming"
 
-        tail = b""
+        tail = bytearray()
         chunk = first
         error_kind = None
         error_message = ""
         try:
             while chunk:
+                backend.last_progress = time.monotonic()
                 await response.write(chunk)
-                tail = (tail + chunk)[-TAIL_BYTES:]
+                tail += chunk
+                if len(tail) > 2 * TAIL_BYTES:
+                    # Trim in batches: slicing per event would copy the
+                    # whole tail for every small SSE chunk.
+                    del tail[:-TAIL_BYTES]
                 async with asyncio.timeout(timeouts.idle):
                     chunk = await content.readany()
         except TimeoutError:
@@ -547,7 +563,7 @@ class Proxy:
             return {"_response": response}
 
         exchange.stage = "done"
-        info = _usage_from_sse_tail(tail) if upstream.status == 200 else {}
+        info = _usage_from_sse_tail(bytes(tail)) if upstream.status == 200 else {}
         info["_response"] = response
         try:
             await response.write_eof()
@@ -634,9 +650,16 @@ class Proxy:
                         break
                     size += len(chunk)
                     if size > limit:
-                        raise _too_large(length, limit)
+                        # The size that counts is the decoded one; a
+                        # compressed body's Content-Length says nothing of it.
+                        raise _too_large(None, limit)
                     chunks.append(chunk)
             return b"".join(chunks)
+        except (web.RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
+            # A body whose Content-Encoding does not match its bytes, or a
+            # broken chunked encoding.
+            detail = " ".join(str(exc).split())
+            raise errors.bad_request(f"The request body could not be read: {detail}") from None
         except TimeoutError:
             raise ApiError(
                 408,
@@ -657,6 +680,8 @@ class Proxy:
             raise errors.bad_request("The request body is not valid UTF-8") from None
         except ValueError as exc:
             raise errors.bad_request(f"The request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise errors.bad_request("The request body nests JSON too deeply") from None
         if not isinstance(payload, dict):
             raise errors.bad_request(
                 f"The request body must be a JSON object, got {type(payload).__name__}"
@@ -682,11 +707,23 @@ class Proxy:
             self._count_request(exchange)
             if len(model) > MAX_ECHOED_MODEL_CHARS:
                 model = model[:MAX_ECHOED_MODEL_CHARS] + "..."
+            if any(not b.models and b.config.models is None for b in state.registry):
+                # A backend whose models are not known yet (still starting or
+                # loading) may serve this name: ask the client to come back.
+                raise errors.no_backend(model) from None
             raise errors.model_not_found(model, sorted(state.registry.available_models()))
         exchange.model = model
         exchange.model_label = model
         self._count_request(exchange)
         return model
+
+    def _unroutable(self, pending: PendingRequest) -> ApiError:
+        serving = [
+            b for b in self.state.registry if b.available and b.serves(pending.model)
+        ]
+        if serving and not any(b.supports(pending.route) for b in serving):
+            return errors.not_supported(pending.route, pending.model)
+        return errors.no_backend(pending.model)
 
     # --- bookkeeping -------------------------------------------------------------------
 
@@ -918,6 +955,26 @@ async def _read_small(upstream: aiohttp.ClientResponse) -> bytes:
             return await upstream.content.read(4096)
     except (TimeoutError, aiohttp.ClientError):
         return b""
+
+
+def _openai_error_shape(body: bytes) -> bytes:
+    """Give a backend's JSON error every key of OpenAI's error object.
+
+    llama-server omits `param` and sends `code` as the HTTP status number;
+    the message and type stay as the backend wrote them.
+    """
+    if len(body) > 65536:
+        return body
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return body
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return body
+    for key in ("type", "param", "code"):
+        error.setdefault(key, None)
+    return json.dumps(payload, ensure_ascii=False).encode()
 
 
 def _snippet(body: bytes) -> str:

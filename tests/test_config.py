@@ -155,3 +155,25 @@ def test_default_path_missing_is_reported(monkeypatch, capsys):
     monkeypatch.setattr("lcha.cli.DEFAULT_CONFIG_PATH", "/nonexistent/lcha.yaml")
     assert main(["--check-config"]) == 1
     assert "'/nonexistent/lcha.yaml' not found" in capsys.readouterr().err
+
+
+def test_no_backends_rejected():
+    with pytest.raises(ConfigError, match="backends: at least one backend is required"):
+        parse_config({"log_level": "debug"}, environ={})
+
+
+def test_url_ending_in_v1_rejected():
+    with pytest.raises(ConfigError, match=r"ends in /v1; give the server's base URL"):
+        parse_config({"backends": [{"url": "http://127.0.0.1:8081/v1"}]}, environ={})
+
+
+def test_duplicate_yaml_key_rejected(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        backends: [{name: a, url: 'http://127.0.0.1:1'}]
+        backends: [{name: b, url: 'http://127.0.0.1:2'}]
+        """,
+    )
+    with pytest.raises(ConfigError, match="duplicate key 'backends'"):
+        load_config(path, environ={})

@@ -436,3 +436,90 @@ async def test_external_client_slots_count_as_taken(fakes, lcha, http):
     assert fake.max_concurrent == 2
     assert fake.deferred_total == 0
     await direct
+
+
+async def test_hung_busy_backend_ejected(fakes, lcha, http):
+    hung, good = await fakes(2)
+    server = await lcha(
+        [hung, good], health={"interval": "100ms", "timeout": "200ms", "fall": 2}
+    )
+    hung.set_fault(routes="*", hang=True)
+    # A request in flight on the hung backend must not shield it from checks.
+    stuck = asyncio.create_task(
+        post(http, server, "/v1/chat/completions", {**CHAT, "model": "tiny"})
+    )
+    backend = server.state.registry.get("b0")
+    await server.wait_for(lambda: backend.inflight == 1 or stuck.done())
+    await server.wait_for(lambda: backend.state == "unhealthy", timeout=10)
+    stuck.cancel()
+    await asyncio.gather(stuck, return_exceptions=True)
+
+
+async def test_backend_rejecting_key_is_unhealthy(fakes, lcha):
+    (fake,) = await fakes(1, api_key="backend-secret")
+    server = await lcha([fake], wait_healthy=False)
+    backend = server.state.registry.get("b0")
+    await server.wait_for(lambda: backend.checked and bool(backend.last_error))
+    assert backend.state == "unhealthy"
+    assert "backends[].api_key" in backend.last_error
+
+
+async def test_missing_capability_is_501(fakes, lcha, http):
+    backends = await fakes(2)
+    for fake in backends:
+        fake.set_fault(
+            routes=["/v1/embeddings"],
+            status=501,
+            body={"error": {"code": 501, "message": "no embeddings", "type": "not_supported_error"}},
+        )
+    server = await lcha(backends)
+    for _ in range(2):
+        status, body, _headers = await post(http, server, "/v1/embeddings", {"input": "hi"})
+        assert status == 501
+        error = error_of(body)
+        assert error["code"] == "route_not_supported"
+        assert "--embeddings" in error["message"]
+
+
+async def test_unknown_model_while_starting_is_503(fakes, lcha, http):
+    (fake,) = await fakes(1)
+    fake.set_loading(True)
+    server = await lcha([fake], wait_healthy=False)
+    status, body, _headers = await post(
+        http, server, "/v1/chat/completions", {**CHAT, "model": "tiny"}
+    )
+    assert status == 503
+    assert error_of(body)["code"] == "no_backend"
+
+
+async def test_deeply_nested_json_is_400(fakes, lcha, http):
+    server = await lcha(await fakes(1))
+    body = b"[" * 100_000 + b"]" * 100_000
+    async with http.post(server.url + "/v1/chat/completions", data=body) as response:
+        assert response.status == 400
+        assert error_of(await response.read())["type"] == "invalid_request_error"
+
+
+async def test_bad_gzip_body_is_400(fakes, lcha, http):
+    server = await lcha(await fakes(1))
+    async with http.post(
+        server.url + "/v1/chat/completions",
+        data=b"this is not gzip",
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+    ) as response:
+        assert response.status == 400
+        assert error_of(await response.read())["type"] == "invalid_request_error"
+
+
+async def test_backend_error_gets_openai_keys(fakes, lcha, http):
+    (fake,) = await fakes(1)
+    fake.set_fault(
+        status=400,
+        body={"error": {"code": 400, "message": "bad messages", "type": "invalid_request_error"}},
+    )
+    server = await lcha([fake])
+    status, body, _headers = await post(http, server, "/v1/chat/completions", CHAT)
+    assert status == 400
+    error = error_of(body)
+    assert error["message"] == "bad messages"
+    assert error["param"] is None

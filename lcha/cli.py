@@ -82,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     setup_logging(config)
     log.info("config loaded path=%s from=%s", path, origin)
-    _install_event_loop_policy()
     try:
         return asyncio.run(serve(config, path))
     except KeyboardInterrupt:
@@ -132,16 +131,6 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
-
-
-def _install_event_loop_policy() -> None:
-    if os.environ.get("LCHA_EVENT_LOOP", "auto") == "asyncio":
-        return
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 class _Shutdown:

@@ -322,7 +322,9 @@ async def _metrics(http, server):
 
 async def _health_backends(http, server, names):
     _status, summary = await get_json(http, server.url + "/health")
-    return [entry["name"] for entry in summary["detail"]] == names
+    # A removed backend stays listed, as draining, until its requests end.
+    serving = [entry["name"] for entry in summary["detail"] if entry["state"] != "draining"]
+    return serving == names
 
 
 # --- sd_notify ---------------------------------------------------------------------

@@ -39,7 +39,7 @@ SLOT_ROUTES = {
     "/v1/chat/completions": "chat",
     "/chat/completions": "chat",
     "/v1/completions": "completions",
-    "/completions": "completions",
+    "/completions": "completion",
     "/completion": "completion",
     "/v1/embeddings": "embeddings",
     "/embeddings": "embeddings",

@@ -523,3 +523,14 @@ async def test_backend_error_gets_openai_keys(fakes, lcha, http):
     error = error_of(body)
     assert error["message"] == "bad messages"
     assert error["param"] is None
+
+
+async def test_native_completions_stream_is_clean(fakes, lcha, http):
+    server = await lcha(await fakes(1))
+    async with http.post(
+        server.url + "/completions", json={"prompt": "hi", "n_predict": 3, "stream": True}
+    ) as response:
+        body = await read_stream(response)
+    assert response.status == 200
+    assert b"[DONE]" not in body
+    assert b'"error"' not in body

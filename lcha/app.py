@@ -363,7 +363,7 @@ def _make_session(config: Config) -> aiohttp.ClientSession:
     # the slot accounting already bounds connections per backend.
     # Pooled connections save a connect per request, but llama-server
     # (11434.0.0) may close one at any moment: it drops idle connections
-    # after 5 s, and answers on a throwaway thread, closing afterwards, when
+    # after 5 s, and serves a request on a throwaway thread, closing afterwards, when
     # its -np + 4 fixed HTTP threads are busy. keepalive_timeout stays under
     # the 5 s, and forward.py resends once on a connection that died before
     # any response byte.

@@ -26,7 +26,7 @@ class BackendState(enum.StrEnum):
 
 
 class Backend:
-    """One llama-server process as lcha sees it.
+    """One llama-server process, as tracked by lcha.
 
     A `Backend` object lives as long as its configuration entry. Leases point at
     the object, not at the name, so a backend removed by a reload and re-added
@@ -98,7 +98,7 @@ class Backend:
         # False until the first poll finished, so start-up readiness can wait on it.
         self.checked = False
         # Route name -> monotonic time until which the backend is known not to
-        # serve it (llama-server answers 501 to /v1/embeddings without --embeddings).
+        # serve it (llama-server returns 501 for /v1/embeddings without --embeddings).
         self.unsupported: dict[str, float] = {}
         self._error_repeats = 0
 
@@ -414,7 +414,7 @@ class BackendRegistry:
             backend.failures = 0
             self._set_state(backend, BackendState.LOADING, "loading model")
         elif error == "timeout" and backend.inflight > 0 and self._made_progress(backend):
-            # llama-server answers /health from a small HTTP thread pool; under a
+            # llama-server serves /health from a small HTTP thread pool; under a
             # full load of long streams it may be slow without being broken. A
             # backend that also stopped sending response bytes is hung instead.
             log.debug("health slow while busy backend=%s", backend.name)

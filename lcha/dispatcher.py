@@ -188,7 +188,7 @@ class Dispatcher:
             async with asyncio.timeout(max(timeout, 0.0)):
                 # notify() may wait for the condition's lock; a disconnect that
                 # cancels it there must withdraw the request as below, or the
-                # dispatcher would later grant a lease that nobody releases.
+                # dispatcher would later grant a lease that no handler releases.
                 await self.accounting.notify()
                 # The shield keeps a timeout or disconnect from cancelling the
                 # future itself: the dispatcher may have resolved it in the same
@@ -281,10 +281,10 @@ class Dispatcher:
         load_waiters: list[tuple[PendingRequest, list[Backend]]] = []
         barred: set[Backend] = set()
         # Kinds of request (route, excluded backends) found blocked in this
-        # round, per model: a later request of the same kind is blocked too,
-        # but one of another kind may fit a backend the blocked one cannot use
-        # (an embeddings request waiting for the one backend that has
-        # --embeddings must not hold up chat requests behind it).
+        # round, per model. A later request of the same kind is blocked too.
+        # One of another kind may fit a backend that the blocked one cannot
+        # use: an embeddings request waiting for the one backend with
+        # --embeddings must not hold up the chat requests behind it.
         blocked: dict[str | None, set[tuple[str, frozenset[Backend]]]] = {}
         heads = [(next(iter(q)), model) for model, q in self._queues.items() if q]
         heapq.heapify(heads)

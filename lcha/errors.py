@@ -95,7 +95,7 @@ def no_backend(model: str | None) -> ApiError:
     )
 
 
-# What a llama-server needs for each route kind that not every server serves.
+# llama-server options needed by the route kinds that not every server serves.
 CAPABILITY_HINTS = {
     "embeddings": "start llama-server with --embeddings (and --pooling mean for /v1/embeddings)",
     "rerank": "start llama-server with --reranking and a reranking model",

@@ -343,8 +343,8 @@ class Proxy:
         headers = _upstream_headers(request, backend, exchange.request_id)
         if stream:
             # llama-server (11434.0.0) closes the connection after every
-            # stream but keeps saying keep-alive; aiohttp would pool the
-            # socket at the stream's end, before forward.py could close it.
+            # stream although its headers announce keep-alive. Without this
+            # header aiohttp would pool the socket at the stream's end.
             headers["Connection"] = "close"
         url = backend_url(backend, request.path, request.query_string)
         try:
@@ -355,8 +355,8 @@ class Proxy:
                     raise
                 except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
                     # A pooled connection that the backend closed while it
-                    # was idle fails before any response byte; the backend
-                    # never saw the request, so sending it again is safe.
+                    # was idle fails before any response byte. The backend
+                    # never received the request, so sending it again is safe.
                     log.debug(
                         "upstream connection lost before the response, resending "
                         "request_id=%s backend=%s error=%s",
@@ -650,8 +650,8 @@ class Proxy:
                         break
                     size += len(chunk)
                     if size > limit:
-                        # The size that counts is the decoded one; a
-                        # compressed body's Content-Length says nothing of it.
+                        # The decoded size counts, and a compressed body's
+                        # Content-Length does not tell it.
                         raise _too_large(None, limit)
                     chunks.append(chunk)
             return b"".join(chunks)
@@ -937,7 +937,7 @@ def _downstream_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
 def _finish_upstream(upstream: aiohttp.ClientResponse, exchange: Exchange) -> None:
     if exchange.stage == "done":
         # Fully read: the connection goes back to the pool unless the
-        # response said Connection: close.
+        # response carried Connection: close.
         upstream.release()
     else:
         # Closing the socket is how llama-server learns to stop generating

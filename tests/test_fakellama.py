@@ -693,3 +693,130 @@ async def test_router_unload_model_api(router, session):
     assert statuses["b"] == "unloaded"
     assert router.loads["b"] == 1
     assert router.unloads["b"] == 1
+
+
+# -- host prompt cache ------------------------------------------------------------
+
+
+async def complete(session, server, prompt: str, **extra: Any) -> dict[str, Any]:
+    async with session.post(server.url + "/completion", json={"prompt": prompt, **extra}) as resp:
+        return await resp.json()
+
+
+async def test_host_cache_restores_prompt(session):
+    async with FakeLlama(slots=1, tokens=1, prompt_cache_tokens=-1) as server:
+        first = "a" * 400
+        await complete(session, server, first)
+        await complete(session, server, "b" * 400)
+        again = await complete(session, server, first + " The" + "c" * 40)
+    assert again["timings"]["cache_n"] == 101
+    assert server.stats()["prompt_cache"]["restores"] == 1
+
+
+async def test_host_cache_off_by_default(session):
+    async with FakeLlama(slots=1, tokens=1) as server:
+        first = "a" * 400
+        await complete(session, server, first)
+        await complete(session, server, "b" * 400)
+        again = await complete(session, server, first + " The" + "c" * 40)
+    assert again["timings"]["cache_n"] == 0
+    assert server.stats()["prompt_cache"]["saves"] == 0
+
+
+async def test_host_cache_evicts_oldest(session):
+    async with FakeLlama(slots=1, tokens=1, prompt_cache_tokens=150) as server:
+        first = "a" * 400
+        await complete(session, server, first)
+        await complete(session, server, "b" * 400)
+        await complete(session, server, "c" * 400)
+        again = await complete(session, server, first + " The")
+        stats = server.stats()["prompt_cache"]
+    assert again["timings"]["cache_n"] == 0
+    assert stats["tokens"] <= 150
+
+
+async def test_host_cache_skips_oversized_prompt(session):
+    async with FakeLlama(slots=1, tokens=1, prompt_cache_tokens=50) as server:
+        await complete(session, server, "a" * 400)
+        await complete(session, server, "b" * 100)
+        stats = server.stats()["prompt_cache"]
+    assert stats["prompts"] == 0
+
+
+async def test_host_cache_unused_for_similar_slot(session):
+    # llama-server consults its cache only when the chosen slot would lose
+    # more than half of its prompt. Here the slot keeps 40 of 74 characters.
+    async with FakeLlama(slots=1, tokens=1, prompt_cache_tokens=-1) as server:
+        saved = "s" * 40 + "p" * 60
+        await complete(session, server, saved)
+        await complete(session, server, "s" * 40 + "x" * 30)
+        again = await complete(session, server, saved + " The" + "q" * 20)
+    assert again["timings"]["cache_n"] == 10
+    assert server.stats()["prompt_cache"]["restores"] == 0
+
+
+async def test_host_cache_keeps_better_slot(session):
+    # The saved "z"*20 prompt keeps more of itself than the slot would, but
+    # covers less of the new prompt, so the slot keeps its own 30 characters.
+    async with FakeLlama(slots=1, tokens=1, prompt_cache_tokens=-1) as server:
+        await complete(session, server, "z" * 20 + "y" * 20)
+        await complete(session, server, "z" * 30 + "k" * 400)
+        again = await complete(session, server, "z" * 30 + "w" * 400)
+    assert again["timings"]["cache_n"] == 7
+    assert server.stats()["prompt_cache"]["restores"] == 0
+
+
+async def test_host_cache_saves_idle_slots(session):
+    async with FakeLlama(slots=2, tokens=1, prompt_cache_tokens=-1) as server:
+        await complete(session, server, "a" * 400)
+        await complete(session, server, "b" * 400)
+        stats = server.stats()["prompt_cache"]
+    assert stats["prompts"] == 1
+
+
+async def test_host_cache_idle_slots_off(session):
+    async with FakeLlama(slots=2, tokens=1, prompt_cache_tokens=-1, cache_idle_slots=False) as server:
+        await complete(session, server, "a" * 400)
+        await complete(session, server, "b" * 400)
+        stats = server.stats()["prompt_cache"]
+    assert stats["prompts"] == 0
+
+
+async def test_host_cache_restore_cost(session):
+    async with FakeLlama(slots=1, tokens=1, prompt_cache_tokens=-1, restore_cost=0.001) as server:
+        first = "a" * 400
+        await complete(session, server, first)
+        await complete(session, server, "b" * 400)
+        started = time.monotonic()
+        again = await complete(session, server, first + " The")
+        elapsed = time.monotonic() - started
+    assert elapsed >= 0.1
+    assert again["timings"]["prompt_ms"] == 0.0
+
+
+async def test_erase_caches_endpoint(session):
+    async with FakeLlama(slots=2, tokens=1, prompt_cache_tokens=-1) as server:
+        await complete(session, server, "a" * 400)
+        await complete(session, server, "b" * 400)
+        async with session.delete(server.url + "/fake/cache") as resp:
+            await resp.read()
+        again = await complete(session, server, "a" * 400)
+        stats = server.stats()["prompt_cache"]
+    assert resp.status == 200
+    assert again["timings"]["cache_n"] == 0
+    assert stats["prompts"] == 0
+
+
+async def test_cli_prompt_cache_options():
+    args = build_parser().parse_args(
+        ["--prompt-cache-tokens", "5000", "--no-cache-idle-slots", "--restore-cost", "0.00001"]
+    )
+    backend = backends_from_args(args)[0]
+    assert backend.prompt_cache_tokens == 5000
+    assert backend.cache_idle_slots is False
+    assert backend.restore_cost == 0.00001
+
+
+async def test_prompt_cache_tokens_rejects_negative():
+    with pytest.raises(ValueError):
+        FakeLlama(prompt_cache_tokens=-2)

@@ -1060,7 +1060,8 @@ class FakeLlama:
     async def _respond_once(self, exchange: _Exchange, gen: _Generation, faults: Faults) -> web.StreamResponse:
         # NOTE: a client disconnect frees the slot at once here, while
         # llama-server checks a non-stream client only once per second.
-        seconds = gen.restore_seconds + gen.prompt_n * gen.prefill_cost + len(gen.pieces) * gen.token_time
+        prefill = gen.restore_seconds + gen.prompt_n * gen.prefill_cost
+        seconds = prefill + len(gen.pieces) * gen.token_time
         if seconds > 0:
             await asyncio.sleep(seconds)
         gen.slot.n_decoded = len(gen.pieces)
@@ -1707,7 +1708,7 @@ class _PromptCache:
     moves the chosen one out of the cache into the slot.
     """
 
-    __slots__ = ("limit_tokens", "prompts", "tokens", "_events")
+    __slots__ = ("_events", "limit_tokens", "prompts", "tokens")
 
     def __init__(self, limit_tokens: int, events: Counter[str]) -> None:
         # -1 means no limit, like --cache-ram -1.

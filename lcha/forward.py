@@ -604,7 +604,16 @@ class Proxy:
                         "Every backend tried failed before sending a response; retry later"
                     )
                 raise errors.no_backend(model)
-            backend = min(candidates, key=lambda b: (b.busy, b.acquired_total))
+            # On a router-mode backend, naming a model that is not loaded
+            # would load it (and maybe evict another): prefer one that has it.
+            backend = min(
+                candidates,
+                key=lambda b: (
+                    b.router_mode and model is not None and model not in b.loaded_models,
+                    b.busy,
+                    b.acquired_total,
+                ),
+            )
             backend.acquired_total += 1
             tried.add(backend)
             exchange.backend = backend.name

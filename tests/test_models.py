@@ -284,3 +284,17 @@ async def test_models_listed_once(fakes, lcha, http):
 
     assert sorted(m["id"] for m in data) == ["a", "b", "c"]
     assert next(m for m in data if m["id"] == "b")["backends"] == ["b0", "b1"]
+
+
+async def test_tokenize_prefers_loaded_model(fakes, lcha, http):
+    backends = await fakes(2, router=True, models=["a", "b"], models_max=1)
+    server = await lcha(backends)
+    await complete(http, server, "a")
+    loaded_on = next(b for b in server.state.registry if "a" in b.loaded_models)
+    for _ in range(4):
+        async with http.post(
+            server.url + "/tokenize", json={"model": "a", "content": "hello"}
+        ) as response:
+            assert response.status == 200
+            assert response.headers["X-Lcha-Backend"] == loaded_on.name
+    assert sum(fake.loads["a"] for fake in backends) == 1

@@ -265,8 +265,8 @@ class CacheMode:
 
 
 # llama-server's default --cache-ram of 8192 MiB stores about this many tokens
-# of a Llama-3-8B-class model, at 128 KiB of f16 KV state per token (32
-# layers x 8 KV heads x 128 dimensions x 2 for K and V x 2 bytes).
+# of a Llama-3-8B-class model. That model has 128 KiB of f16 KV state per token
+# (32 layers x 8 KV heads x 128 dimensions x 2 for K and V x 2 bytes).
 HOST_CACHE_TOKENS = 65536
 LOAD_VARIANTS = (("saturated", False), ("think", True))
 # The prefix policy's targets, checked in every cache mode and load variant.

@@ -362,11 +362,11 @@ def _make_session(config: Config) -> aiohttp.ClientSession:
     # applies timeouts.connect, first_byte and idle itself. No pool limit:
     # the slot accounting already bounds connections per backend.
     # Pooled connections save a connect per request, but llama-server
-    # (11434.0.0) may close one at any moment: it drops idle connections
-    # after 5 s, and serves a request on a throwaway thread, closing afterwards, when
-    # its -np + 4 fixed HTTP threads are busy. keepalive_timeout stays under
-    # the 5 s, and forward.py resends once on a connection that died before
-    # any response byte.
+    # (11434.0.0) may close one at any moment. It drops idle connections after
+    # 5 s. When its -np + 4 fixed HTTP threads are busy, it serves a request on
+    # a throwaway thread and closes the connection afterwards. So
+    # keepalive_timeout stays under the 5 s, and forward.py resends once on a
+    # connection that died before any response byte.
     connector = aiohttp.TCPConnector(
         limit=0, limit_per_host=0, keepalive_timeout=4.0, use_dns_cache=True
     )

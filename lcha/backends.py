@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from .config import BackendConfig, Config, HealthConfig
+from .config import BackendConfig, Config
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +284,14 @@ class BackendRegistry:
         self._set_state(backend, BackendState.UNHEALTHY, error)
         self.wake(backend)
 
+    def report_loading(self, backend: Backend) -> None:
+        """Mark `backend` as loading its model; it needs `rise` checks to return."""
+        if backend.removed:
+            return
+        backend.successes = 0
+        backend.failures = 0
+        self._set_state(backend, BackendState.LOADING, "loading model")
+
     def unload_model(self, backend: Backend, model: str) -> None:
         """Ask a router-mode backend to unload `model`, without waiting for it."""
         task = asyncio.get_running_loop().create_task(
@@ -410,9 +418,7 @@ class BackendRegistry:
             else:
                 self._record_success(backend)
         elif status == 503 and _is_loading(body):
-            backend.successes = 0
-            backend.failures = 0
-            self._set_state(backend, BackendState.LOADING, "loading model")
+            self.report_loading(backend)
         elif error == "timeout" and backend.inflight > 0 and self._made_progress(backend):
             # llama-server serves /health from a small HTTP thread pool; under a
             # full load of long streams it may be slow without being broken. A
@@ -428,6 +434,8 @@ class BackendRegistry:
     async def _refresh(self, backend: Backend) -> str:
         """Poll props, models and slots; return why the backend is unusable, or ""."""
         polled_at = time.monotonic()
+        inflight_before = backend.inflight
+        acquired_before = backend.acquired_total
         if backend.router_mode:
             # A router rejects /slots without ?model= (HTTP 400); its models'
             # slots are polled one by one below.
@@ -458,13 +466,17 @@ class BackendRegistry:
         if backend.router_mode:
             changed |= await self._refresh_router(backend, props)
         else:
-            changed |= self._update_slots(backend, props, slots)
+            # At any moment while /slots was produced, lcha had at most this
+            # many requests of its own on the backend.
+            ours = inflight_before + backend.acquired_total - acquired_before
+            changed |= self._update_slots(backend, props, slots, max(ours, backend.inflight))
 
         if changed:
             self._on_change()
         return ""
 
-    def _update_slots(self, backend: Backend, props: Any, slots: Any) -> bool:
+    def _update_slots(self, backend: Backend, props: Any, slots: Any, ours: int) -> bool:
+        """Apply /props and /slots; `ours` bounds lcha's own requests during the poll."""
         changed = False
         discovered = None
         if isinstance(props, dict) and isinstance(props.get("total_slots"), int):
@@ -487,10 +499,10 @@ class BackendRegistry:
             processing = sum(
                 1 for slot in slots if isinstance(slot, dict) and slot.get("is_processing")
             )
-            # Our own requests may have started or finished while /slots was
-            # produced; count only what cannot be ours, so a release never
-            # reads as an external client and idles a slot until the next poll.
-            external = max(0, processing - backend.inflight)
+            # Count only slots that cannot be lcha's own. A request released
+            # after /slots was produced must not read as an external client,
+            # which would idle its slot until the next poll.
+            external = max(0, processing - ours)
             if external != backend.external_busy:
                 backend.external_busy = external
                 changed = True

@@ -74,12 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
-    if not config.backends:
-        print(
-            f"lcha: invalid configuration: {path}: backends: at least one backend is required",
-            file=sys.stderr,
-        )
-        return 1
     setup_logging(config)
     log.info("config loaded path=%s from=%s", path, origin)
     try:
@@ -270,8 +264,6 @@ def reload_config(state: State, path: str, notifier: Notifier) -> bool:
     notifier.reloading()
     try:
         config = load_config(path)
-        if not config.backends:
-            raise ConfigError("backends: at least one backend is required")
     except ConfigError as exc:
         state.metrics.config_reloads.labels("failure").inc()
         log.error("config reload failed, keeping the running configuration path=%s error=%s", path, exc)

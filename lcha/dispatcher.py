@@ -186,7 +186,7 @@ class Dispatcher:
         self._push(request)
         try:
             async with asyncio.timeout(max(timeout, 0.0)):
-                # notify() may wait for the condition's lock; a disconnect that
+                # notify() may wait for the condition's lock. A disconnect that
                 # cancels it there must withdraw the request as below, or the
                 # dispatcher would later grant a lease that no handler releases.
                 await self.accounting.notify()

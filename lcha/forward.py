@@ -23,7 +23,7 @@ from multidict import CIMultiDict
 
 from . import errors
 from .affinity import conversation_hashes
-from .backends import Backend, BackendState, backend_url
+from .backends import Backend, backend_url
 from .dispatcher import NoBackend, PendingRequest, QueueFull, QueueTimeout
 from .errors import ApiError
 
@@ -303,7 +303,9 @@ class Proxy:
             if upstream.status == 503:
                 text = await _read_small(upstream)
                 if b"Loading model" in text:
-                    backend.state = BackendState.LOADING
+                    # A restarted process: logged, counted and forgotten by
+                    # the prefix index like any state change.
+                    state.registry.report_loading(backend)
                     state.registry.wake(backend)
                 raise RetryableError("status_5xx", f"HTTP 503: {_snippet(text)}")
             if upstream.status == 501 and route_kind in ("embeddings", "rerank", "infill"):

@@ -1,9 +1,10 @@
 """Routing policies: pick one backend among those that can take a request now.
 
-The dispatcher builds the candidate list (healthy, serving the model, with a
-free slot, not excluded by an earlier failed try); a policy only ranks it.
-Session affinity runs before the policy and wins when its backend is a
-candidate.
+The dispatcher builds the candidate list: backends that are healthy, serve
+the model, have a free slot and were not excluded by an earlier failed try. A
+policy only ranks it. Session affinity runs before least_busy and round_robin
+and wins when its backend is a candidate; the prefix policy tracks
+conversations itself.
 """
 
 from __future__ import annotations

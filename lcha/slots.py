@@ -64,12 +64,6 @@ class SlotAccounting:
         self.condition = asyncio.Condition()
         self.on_release: Callable[[Lease], None] | None = None
 
-    def try_acquire(self, backend: Backend, model: str | None, request_id: str) -> Lease | None:
-        """Take a slot on `backend` if one is free; never blocks."""
-        if not backend.available or backend.free_slots <= 0:
-            return None
-        return self.acquire(backend, model, request_id)
-
     def acquire(self, backend: Backend, model: str | None, request_id: str) -> Lease:
         backend.inflight += 1
         backend.acquired_total += 1

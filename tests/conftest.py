@@ -14,6 +14,8 @@ from lcha.app import STATE, State, create_app, make_runner
 from lcha.config import parse_config
 from lcha.testing.fakellama import FakeLlama
 
+from e2e.processes import ServerProcess, start_lcha
+
 
 class LchaServer:
     """An lcha application listening on a loopback port."""
@@ -97,6 +99,24 @@ async def lcha():
     yield make
     for server in servers:
         await server.runner.cleanup()
+
+
+@pytest.fixture
+async def spawn(tmp_path, monkeypatch):
+    """Factory: `await spawn(config, env=None)` runs `python -m lcha` and waits for /health 200."""
+    # An outer service manager's socket must not receive this child's messages.
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    started: list[ServerProcess] = []
+
+    async def run(config: Any, env: dict[str, str] | None = None) -> ServerProcess:
+        server = await asyncio.to_thread(start_lcha, config, tmp_path, env=env, timeout=20.0)
+        started.append(server)
+        return server
+
+    yield run
+    for server in started:
+        await asyncio.to_thread(server.stop, 5.0)
 
 
 @pytest.fixture

@@ -22,6 +22,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from helpers import read_stream
+
 pytestmark = pytest.mark.chaos
 
 REQUESTS = int(os.environ.get("LCHA_CHAOS_REQUESTS", "3000"))
@@ -70,16 +72,6 @@ def check_error_body(raw: bytes, status: int, label: str, tally: Tally) -> None:
         tally.problem(f"{label}: status {status} with an error lacking a message: {raw[:200]!r}")
         return
     tally.add(f"error {status}")
-
-
-async def read_all(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
-    chunks = []
-    try:
-        async for chunk in response.content.iter_any():
-            chunks.append(chunk)
-    except aiohttp.ClientPayloadError:
-        return b"".join(chunks), False
-    return b"".join(chunks), True
 
 
 def random_fault(rng: random.Random, stream: bool) -> dict[str, Any] | None:
@@ -165,7 +157,7 @@ async def run_one(
             raw = await response.read()
             check_error_body(raw, response.status, label, tally)
             return
-        raw, clean = await read_all(response)
+        raw, clean = await read_stream(response)
     stream = response.content_type == "text/event-stream"
     if not stream:
         if not clean:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from e2e.processes import REPO_ROOT, ServerProcess, start_lcha
+from e2e.processes import REPO_ROOT
 from lcha import forward
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
@@ -27,21 +27,6 @@ def config_for(fakes, **overrides):
     }
     data.update(overrides)
     return data
-
-
-@pytest.fixture
-async def spawn(tmp_path):
-    """Factory: `await spawn(config)` runs lcha and waits for /health 200."""
-    started: list[ServerProcess] = []
-
-    async def run(config, env=None):
-        server = await asyncio.to_thread(start_lcha, config, tmp_path, env=env, timeout=20.0)
-        started.append(server)
-        return server
-
-    yield run
-    for server in started:
-        await asyncio.to_thread(server.stop, 5.0)
 
 
 async def stopped_log(server):

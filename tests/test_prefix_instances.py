@@ -47,7 +47,7 @@ async def test_second_turn_follows_first(fakes, lcha, http):
         body = first_turn(index)
         served_by = await backend_for(http, first, body)
         # The next turn arrives at the other instance, which never saw the
-        # conversation, and still finds the backend that holds its prefix.
+        # conversation, and still finds the backend that has its prefix cached.
         follow_up = {
             "messages": body["messages"]
             + [

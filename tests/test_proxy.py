@@ -418,7 +418,7 @@ async def test_metrics_count_requests(fakes, lcha, http):
 async def test_external_client_slots_count_as_taken(fakes, lcha, http):
     (fake,) = await fakes(1, slots=2)
     server = await lcha([fake])
-    # Another client uses the backend directly and holds one of its slots.
+    # Another client uses the backend directly and occupies one of its slots.
     direct = asyncio.create_task(
         post(
             http,

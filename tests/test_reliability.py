@@ -14,12 +14,14 @@ import json
 import logging
 import os
 import time
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
 import openai
 import pytest
 from aiohttp import web
+
+from helpers import BackgroundSampler, read_stream
 
 CHAT_PATH = "/v1/chat/completions"
 SLOW = pytest.mark.skipif(
@@ -58,17 +60,6 @@ def stream_text(events: list[str]) -> str:
     return text
 
 
-async def read_stream(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
-    """Return the body and whether it ended with the final chunk."""
-    chunks = []
-    try:
-        async for chunk in response.content.iter_any():
-            chunks.append(chunk)
-    except aiohttp.ClientPayloadError:
-        return b"".join(chunks), False
-    return b"".join(chunks), True
-
-
 async def post(
     client: aiohttp.ClientSession, url: str, body: Any, **kwargs: Any
 ) -> tuple[int, bytes, Any]:
@@ -92,23 +83,14 @@ async def client():
         yield session
 
 
-class BusyMonitor:
+class BusyMonitor(BackgroundSampler):
     """Samples every backend's lease count while a test runs."""
 
     def __init__(self, server) -> None:
+        super().__init__()
         self.server = server
         self.lowest = 0
         self.over_capacity: list[tuple[str, int, int]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Self:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
         while True:
@@ -789,25 +771,16 @@ async def test_wrong_key_skips_full_queue(fakes, lcha, client):
 # --- 10. saturation ------------------------------------------------------------------
 
 
-class ProbeLatency:
+class ProbeLatency(BackgroundSampler):
     """Times /health, /metrics and /v1/models in a loop while a test runs."""
 
     def __init__(self, server, client) -> None:
+        super().__init__()
         self.server = server
         self.client = client
         self.worst = 0.0
         self.count = 0
         self.failures: list[tuple[str, int]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Self:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
         while True:

@@ -15,7 +15,6 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from e2e.processes import ServerProcess, start_lcha
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
 # A stream of 10 tokens, 0.1 s apart: long enough to signal lcha mid-stream.
@@ -37,24 +36,6 @@ def config_for(backends, **overrides):
     }
     data.update(overrides)
     return data
-
-
-@pytest.fixture
-async def spawn(tmp_path, monkeypatch):
-    """Factory: `await spawn(config, env=None)` runs lcha and waits for /health 200."""
-    # An outer service manager's socket must not receive this child's messages.
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
-    started: list[ServerProcess] = []
-
-    async def run(config, env=None):
-        server = await asyncio.to_thread(start_lcha, config, tmp_path, env=env, timeout=20.0)
-        started.append(server)
-        return server
-
-    yield run
-    for server in started:
-        await asyncio.to_thread(server.stop, 5.0)
 
 
 async def wait_exit(server):

@@ -34,7 +34,9 @@ API_KEY = "e2e-secret"
 # Fast polling so that a restarted backend rejoins within a fraction of a second.
 HEALTH = {"interval": "200ms", "timeout": "2s", "rise": 1, "fall": 2}
 PROMPT = [{"role": "user", "content": "hello world"}]
-CHAT = {"messages": PROMPT, "max_tokens": 4}
+# ignore_eos: the random model may sample its end-of-text token early, and the
+# tests count generated tokens.
+CHAT = {"messages": PROMPT, "max_tokens": 4, "ignore_eos": True}
 # With ignore_eos the random model writes exactly max_tokens tokens. 2000
 # tokens plus the 31-token chat prompt fit the 2048-token context of a slot.
 LONG_CHAT = {"messages": PROMPT, "max_tokens": 2000, "ignore_eos": True}
@@ -335,7 +337,8 @@ async def test_chat_stream_ends_with_done(lcha_http: aiohttp.ClientSession) -> N
 
 
 async def test_completions(lcha_http: aiohttp.ClientSession) -> None:
-    async with lcha_http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3}) as response:
+    body = {"prompt": "hello", "max_tokens": 3, "ignore_eos": True}
+    async with lcha_http.post("/v1/completions", json=body) as response:
         status = response.status
         completion = await response.json()
 
@@ -345,7 +348,7 @@ async def test_completions(lcha_http: aiohttp.ClientSession) -> None:
 
 
 async def test_native_completion_stream(lcha_http: aiohttp.ClientSession) -> None:
-    body = {"prompt": "hello", "n_predict": 3, "stream": True}
+    body = {"prompt": "hello", "n_predict": 3, "stream": True, "ignore_eos": True}
     async with lcha_http.post("/completion", json=body) as response:
         status = response.status
         data = sse_data(await response.read())
@@ -597,10 +600,9 @@ async def test_streams_back_to_back_one_backend(cluster: Cluster, start_lcha) ->
     lcha = start_lcha({"backends": [backend_entry(cluster.plain)]})
     body = {**CHAT, "max_tokens": 2, "stream": True}
     statuses: list[int] = []
-    # The failure needs a request to take the connection in the moment
-    # between the stream's last chunk and the close that follows, so it
-    # came after 8 to 700 requests when measured on 2 cores, with and without
-    # two busy loops running beside it.
+    # The failure needs a request to take the connection between the stream's
+    # last chunk and the close that follows. Measured on 2 cores, with and
+    # without two busy loops beside it, it came after 8 to 700 requests.
     deadline = time.monotonic() + 8.0
     async with aiohttp.ClientSession(lcha.url) as session:
         # Eight requests share two slots, so each queued one is dispatched

@@ -18,7 +18,13 @@ from .tinymodel import write_tiny_model
 
 pytestmark = pytest.mark.e2e
 
-CHAT = {"messages": [{"role": "user", "content": "hello world"}], "max_tokens": 4}
+# ignore_eos: the random model may sample its end-of-text token early, and the
+# tests count generated tokens.
+CHAT = {
+    "messages": [{"role": "user", "content": "hello world"}],
+    "max_tokens": 4,
+    "ignore_eos": True,
+}
 
 
 async def read_sse(response: aiohttp.ClientResponse) -> list[str]:

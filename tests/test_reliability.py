@@ -486,6 +486,9 @@ async def test_openai_client_error_classes(fakes, lcha, client):
     assert caught.value.status_code == 502
     assert caught.value.code == "upstream_truncated"
 
+    # The truncation took b0 out of rotation until its next health check.
+    # Let that check land first, or it could bring b0 back after the stop.
+    await server.wait_for(lambda: server.state.registry.get("b0").available)
     await fake.stop()
     await server.wait_for(lambda: not server.state.registry.get("b0").available)
     with pytest.raises(openai.InternalServerError) as caught:
